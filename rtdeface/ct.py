@@ -1,0 +1,80 @@
+"""Deface the CT: voxels whose centres lie in the cut become air, written through the
+series' own RescaleSlope/Intercept, PixelRepresentation and BitsStored.
+
+Only slices that intersect the cut are decoded and re-encoded; every other voxel (and every
+other slice's pixel data) stays bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from rtdeface.load import CtSeries
+
+AIR_HU = -1000.0
+"""Value (HU) written into removed voxels."""
+
+
+def representable_range(ds: Dataset) -> tuple[int, int]:
+    """Smallest and largest stored value allowed by PixelRepresentation and BitsStored."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def stored_value_for_hu(ds: Dataset, hu: float) -> int:
+    """Stored value that represents ``hu`` through the slice's modality LUT, clipped."""
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    lo, hi = representable_range(ds)
+    return int(np.clip(np.round((hu - intercept) / slope), lo, hi))
+
+
+@dataclass(frozen=True)
+class CtResult:
+    """Defaced CT slices.
+
+    Attributes
+    ----------
+    slices : dict of int to numpy.ndarray
+        New stored pixel arrays (shape (ni, nj), original dtype) for the slices that changed,
+        by slice index k.
+    voxels_in_cut : int
+        Voxel centres in the cut (whether or not they were already air).
+    voxels_changed : int
+        Voxels whose stored value changed.
+    air_stored_value : int
+        The stored value written (for the first changed slice's rescale).
+    """
+
+    slices: dict[int, npt.NDArray[np.integer]]
+    voxels_in_cut: int
+    voxels_changed: int
+    air_stored_value: int | None
+
+
+def deface_ct(ct: CtSeries, cut: npt.NDArray[np.bool_]) -> CtResult:
+    """Set every voxel of ``ct`` whose centre is in ``cut`` (shape ct.grid.shape) to air."""
+    out: dict[int, npt.NDArray[np.integer]] = {}
+    changed = 0
+    air_first: int | None = None
+    for k in np.flatnonzero(cut.any(axis=(1, 2))):
+        k = int(k)
+        ds = ct.datasets[k]
+        air = stored_value_for_hu(ds, AIR_HU)
+        air_first = air if air_first is None else air_first
+        stored = ct.stored_slice(k)
+        mask = cut[k]
+        n = int(np.count_nonzero(stored[mask] != air))
+        if n == 0:
+            continue
+        new = stored.copy()
+        new[mask] = air
+        out[k] = new
+        changed += n
+    return CtResult(out, int(np.count_nonzero(cut)), changed, air_first)

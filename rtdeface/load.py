@@ -1,0 +1,511 @@
+"""Load one case into plain, validated data: CT grid, structure set, dose grids, plans.
+
+Geometry goes only through :func:`rtdeface.geometry.affine_from_attributes`. The loaded
+pydicom datasets are kept (read once) so the writer can derive the output from them; the
+files on disk are never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from rtdeface.discover import (
+    CaseFiles,
+    FileRecord,
+    assemble_single_case,
+    classify,
+    iter_files,
+    read_dicom,
+)
+from rtdeface.errors import DicomReferenceError, GeometryError, InputError
+from rtdeface.geometry import (
+    IN_PLANE_OFFSET_ATOL_MM,
+    ORIENTATION_ATOL,
+    PLANE_MATCH_ATOL_MM,
+    Grid,
+    affine_from_attributes,
+    check_regular_positions,
+    slice_normal,
+)
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def copy_dataset(ds: Dataset) -> Dataset:
+    """A deep copy of ``ds`` that shares its unconverted (immutable) raw elements.
+
+    Much faster than :func:`copy.deepcopy` on large structure sets and CT headers, because
+    raw elements (bytes not yet parsed) are immutable and need no copy. Sequences and
+    converted elements are copied; file meta, preamble and original encoding are kept.
+    """
+    new = Dataset()
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement):
+            new[tag] = elem
+        elif elem.VR == "SQ":
+            new[tag] = DataElement(
+                elem.tag, "SQ", DicomSequence([copy_dataset(item) for item in elem.value or []])
+            )
+        else:
+            new[tag] = copy.deepcopy(elem)
+    if "file_meta" in ds.__dict__ and ds.file_meta is not None:
+        new.file_meta = copy.deepcopy(ds.file_meta)
+    if getattr(ds, "preamble", None) is not None:
+        new.preamble = ds.preamble
+    implicit, little = ds.original_encoding
+    if implicit is not None or little is not None:
+        new.set_original_encoding(implicit, little, ds.original_character_set)
+    return new
+
+
+def _floats(ds: Dataset, keyword: str, n: int, what: str) -> FloatArray:
+    value = ds.get(keyword)
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what}: {keyword} missing or not numeric ({value!r})") from exc
+    if arr.shape != (n,):
+        raise InputError(f"{what}: {keyword} must have {n} values, got {arr.tolist()}")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class CtSeries:
+    """One axial CT series in index order.
+
+    Attributes
+    ----------
+    grid : Grid
+        Index-to-patient geometry; slice k of the grid is ``datasets[k]``.
+    datasets : tuple of pydicom Dataset
+        Slices sorted by position along the slice normal (full reads, pixel data included).
+    paths : tuple of Path
+        Source file of each slice, same order.
+    series_instance_uid, frame_of_reference_uid : str
+        Header values shared by every slice.
+    """
+
+    grid: Grid
+    datasets: tuple[Dataset, ...]
+    paths: tuple[Path, ...]
+    series_instance_uid: str
+    frame_of_reference_uid: str
+
+    def stored_slice(self, k: int) -> npt.NDArray[np.integer]:
+        """Stored pixel values of slice k, shape (ni, nj), dtype from PixelRepresentation."""
+        arr = self.datasets[k].pixel_array
+        return np.asarray(arr)
+
+    def rescale(self, k: int) -> tuple[float, float]:
+        """(RescaleSlope, RescaleIntercept) of slice k (defaults 1, 0)."""
+        ds = self.datasets[k]
+        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+
+    def hu_slice(self, k: int) -> npt.NDArray[np.float32]:
+        """Slice k in Hounsfield units, float32, shape (ni, nj)."""
+        slope, intercept = self.rescale(k)
+        return (self.stored_slice(k).astype(np.float32) * np.float32(slope)) + np.float32(
+            intercept
+        )
+
+    def hu_volume(self) -> npt.NDArray[np.float32]:
+        """The whole series in Hounsfield units, float32, shape (nk, ni, nj)."""
+        out = np.empty(self.grid.shape, dtype=np.float32)
+        for k in range(self.grid.shape[0]):
+            out[k] = self.hu_slice(k)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class Contour:
+    """One contour of an ROI.
+
+    Attributes
+    ----------
+    geometric_type : str
+        ``CLOSED_PLANAR``, ``OPEN_PLANAR``, ``OPEN_NONPLANAR`` or ``POINT``.
+    points_lps_mm : numpy.ndarray, shape (n, 3)
+        Contour points (x, y, z), mm, LPS.
+    item_index : int
+        Position of the item in the ROI's ContourSequence (to edit the dataset).
+    """
+
+    geometric_type: str
+    points_lps_mm: FloatArray
+    item_index: int
+
+    @property
+    def z_mm(self) -> float:
+        """Plane z (mm) of a planar contour (mean of its points' z)."""
+        return float(np.mean(self.points_lps_mm[:, 2]))
+
+
+@dataclass(frozen=True, eq=False)
+class Roi:
+    """One ROI, matched through ROINumber across the three structure-set sequences.
+
+    Attributes
+    ----------
+    number : int
+        ROINumber.
+    name : str
+        ROIName.
+    interpreted_type : str
+        RTROIInterpretedType ("" when not given).
+    contours : tuple of Contour
+        All contours (empty if the ROI has no ContourSequence).
+    """
+
+    number: int
+    name: str
+    interpreted_type: str
+    contours: tuple[Contour, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class StructureSet:
+    """An RTSTRUCT and its ROIs in patient coordinates.
+
+    Attributes
+    ----------
+    dataset : pydicom Dataset
+        The structure set as read.
+    path : Path
+        Source file.
+    rois : tuple of Roi
+        In StructureSetROISequence order.
+    """
+
+    dataset: Dataset
+    path: Path
+    rois: tuple[Roi, ...]
+
+    def roi(self, number: int) -> Roi:
+        """The ROI with this ROINumber."""
+        for r in self.rois:
+            if r.number == number:
+                return r
+        raise KeyError(number)
+
+
+@dataclass(frozen=True, eq=False)
+class DoseGrid:
+    """One RTDOSE grid.
+
+    Attributes
+    ----------
+    grid : Grid
+        Geometry; frame k of the grid is frame k of the file (any frame order).
+    dataset : pydicom Dataset
+        As read (pixel data included).
+    path : Path
+        Source file.
+    """
+
+    grid: Grid
+    dataset: Dataset
+    path: Path
+
+    def stored(self) -> npt.NDArray[np.integer]:
+        """Stored dose values, shape (nk, ni, nj), dtype as the header declares."""
+        arr = np.asarray(self.dataset.pixel_array)
+        return arr.reshape(self.grid.shape)
+
+    @property
+    def scaling(self) -> float:
+        """DoseGridScaling (Gy per stored unit)."""
+        return float(self.dataset.get("DoseGridScaling", 1.0))
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """A loaded case. Valid once constructed: every object shares the CT's frame of reference.
+
+    Attributes
+    ----------
+    source : Path
+        The input folder.
+    ct : CtSeries
+    structure_set : StructureSet or None
+    doses : tuple of DoseGrid
+    plans : tuple of (Path, Dataset)
+    ignored : tuple of Path
+        DICOM files found beside the case that rtdeface does not handle (not written).
+    """
+
+    source: Path
+    ct: CtSeries
+    structure_set: StructureSet | None
+    doses: tuple[DoseGrid, ...]
+    plans: tuple[tuple[Path, Dataset], ...]
+    ignored: tuple[Path, ...] = ()
+
+
+def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
+    """Sort CT slices along their normal and build the grid, checking the series is regular.
+
+    Raises
+    ------
+    GeometryError
+        Mixed orientations or matrix sizes, gantry tilt, oblique slices, duplicate or missing
+        slices, irregular spacing.
+    """
+    what = f"CT series {datasets[0].get('SeriesInstanceUID', '?')} ({paths[0].parent})"
+    iop0 = _floats(datasets[0], "ImageOrientationPatient", 6, f"{paths[0]}")
+    ps0 = _floats(datasets[0], "PixelSpacing", 2, f"{paths[0]}")
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    for ds, path in zip(datasets, paths):
+        iop = _floats(ds, "ImageOrientationPatient", 6, f"{path}")
+        if not np.allclose(iop, iop0, atol=ORIENTATION_ATOL):
+            raise GeometryError(
+                f"{path}: ImageOrientationPatient {iop.tolist()} differs from {iop0.tolist()} in "
+                f"the same {what}; the series mixes orientations, split it"
+            )
+        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+            raise GeometryError(f"{path}: matrix {ds.Rows}x{ds.Columns} differs in {what}")
+        if not np.allclose(_floats(ds, "PixelSpacing", 2, f"{path}"), ps0, atol=1e-4):
+            raise GeometryError(f"{path}: PixelSpacing differs within {what}")
+        tilt = float(ds.get("GantryDetectorTilt", 0) or 0)
+        if abs(tilt) > 1e-3:
+            raise GeometryError(
+                f"{path}: GantryDetectorTilt {tilt} deg; tilted-gantry CT is not supported, "
+                "resample it to an untilted axial series first"
+            )
+    normal = slice_normal(iop0)
+    ipp = np.stack([_floats(ds, "ImagePositionPatient", 3, f"{p}") for ds, p in zip(datasets, paths)])
+    along = ipp @ normal
+    order = np.argsort(along, kind="stable")
+    along_sorted = along[order]
+    ipp_sorted = ipp[order]
+    step = check_regular_positions(along_sorted, what, "re-export the complete series")
+    in_plane = ipp_sorted - np.outer(along_sorted - along_sorted[0], normal) - ipp_sorted[0]
+    worst = float(np.max(np.linalg.norm(in_plane, axis=1)))
+    if worst > IN_PLANE_OFFSET_ATOL_MM:
+        raise GeometryError(
+            f"{what}: slice origins shift {worst:.2f} mm in-plane along the series (gantry tilt "
+            "or sheared stack); unsupported, resample to an untilted axial series first"
+        )
+    affine = affine_from_attributes(ipp_sorted[0], iop0, ps0, step)
+    grid = Grid(affine, (len(datasets), rows, cols))
+    for_uids = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
+    if len(for_uids) != 1 or "" in for_uids:
+        raise DicomReferenceError(
+            f"{what}: slices carry FrameOfReferenceUID {sorted(for_uids)}; one non-empty frame "
+            "of reference is required"
+        )
+    return CtSeries(
+        grid=grid,
+        datasets=tuple(datasets[int(i)] for i in order),
+        paths=tuple(paths[int(i)] for i in order),
+        series_instance_uid=str(datasets[0].SeriesInstanceUID),
+        frame_of_reference_uid=for_uids.pop(),
+    )
+
+
+CONTOUR_DATA_TAG = 0x30060050
+
+
+def contour_data_array(item: Dataset) -> FloatArray:
+    """ContourData of a contour item as a flat float64 array (mm), without DS objects.
+
+    Parses the raw bytes when pydicom has not converted the element yet (much faster than
+    building one DSfloat per coordinate); unconverted elements are written back unchanged.
+    """
+    if CONTOUR_DATA_TAG not in item:
+        return np.zeros(0, dtype=np.float64)
+    raw = item.get_item(CONTOUR_DATA_TAG)
+    value = raw.value
+    if isinstance(value, bytes):
+        text = value.strip(b" \x00")
+        if not text:
+            return np.zeros(0, dtype=np.float64)
+        return np.asarray(text.split(b"\\"), dtype=np.float64)
+    if value is None:
+        return np.zeros(0, dtype=np.float64)
+    if isinstance(value, (str, float, int)):
+        return np.asarray([float(value)], dtype=np.float64)
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
+    """Read ROIs and contours (patient mm) of an RTSTRUCT, matching sequences by ROINumber.
+
+    Raises
+    ------
+    InputError
+        Malformed ContourData (not a multiple of 3, non-numeric) or duplicate ROINumbers.
+    GeometryError
+        A planar contour whose points do not share one z (non-axial contour planes).
+    """
+    types: dict[int, str] = {}
+    for obs in ds.get("RTROIObservationsSequence", []) or []:
+        if "ReferencedROINumber" in obs:
+            types[int(obs.ReferencedROINumber)] = str(obs.get("RTROIInterpretedType", "") or "")
+    contours_by_roi: dict[int, list[Contour]] = {}
+    for rc in ds.get("ROIContourSequence", []) or []:
+        number = int(rc.ReferencedROINumber)
+        items: list[Contour] = []
+        for idx, item in enumerate(rc.get("ContourSequence", []) or []):
+            gtype = str(item.get("ContourGeometricType", "CLOSED_PLANAR"))
+            try:
+                pts = contour_data_array(item)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"{path}: ROI {number} contour {idx}: bad ContourData") from exc
+            if pts.size == 0:
+                continue
+            if pts.size % 3:
+                raise InputError(
+                    f"{path}: ROI {number} contour {idx}: ContourData has {pts.size} values, "
+                    "not a multiple of 3; the structure set is corrupt"
+                )
+            pts = pts.reshape(-1, 3)
+            if gtype in ("CLOSED_PLANAR", "OPEN_PLANAR") and np.ptp(pts[:, 2]) > PLANE_MATCH_ATOL_MM:
+                raise GeometryError(
+                    f"{path}: ROI {number} contour {idx} is not on an axial plane (z spans "
+                    f"{np.ptp(pts[:, 2]):.2f} mm); only axial contours are supported"
+                )
+            items.append(Contour(gtype, pts, idx))
+        contours_by_roi.setdefault(number, []).extend(items)
+    rois: list[Roi] = []
+    seen: set[int] = set()
+    for ssr in ds.get("StructureSetROISequence", []) or []:
+        number = int(ssr.ROINumber)
+        if number in seen:
+            raise InputError(f"{path}: ROINumber {number} appears twice; the structure set is corrupt")
+        seen.add(number)
+        rois.append(
+            Roi(
+                number=number,
+                name=str(ssr.get("ROIName", "") or ""),
+                interpreted_type=types.get(number, ""),
+                contours=tuple(contours_by_roi.get(number, [])),
+            )
+        )
+    return StructureSet(dataset=ds, path=path, rois=tuple(rois))
+
+
+def load_dose(ds: Dataset, path: Path) -> DoseGrid:
+    """Build the grid of an RTDOSE from IPP/IOP/PixelSpacing and GridFrameOffsetVector.
+
+    Offsets are relative to IPP along the slice normal when the first is 0, otherwise absolute
+    z positions (allowed only for IOP [1,0,0,0,1,0]); either order is accepted.
+
+    Raises
+    ------
+    GeometryError
+        Irregular frame spacing, absolute offsets with another orientation, or offsets that
+        contradict ImagePositionPatient.
+    """
+    what = str(path)
+    ipp = _floats(ds, "ImagePositionPatient", 3, what)
+    iop = _floats(ds, "ImageOrientationPatient", 6, what)
+    ps = _floats(ds, "PixelSpacing", 2, what)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    gfov = ds.get("GridFrameOffsetVector")
+    if frames > 1 and gfov is None:
+        raise InputError(f"{path}: multi-frame RTDOSE without GridFrameOffsetVector; re-export it")
+    offsets = np.asarray([float(v) for v in (gfov or [0.0])], dtype=np.float64)[:frames]
+    if offsets.size != frames:
+        raise InputError(
+            f"{path}: GridFrameOffsetVector has {offsets.size} values for {frames} frames"
+        )
+    normal = slice_normal(iop)
+    if not np.isclose(offsets[0], 0.0, atol=PLANE_MATCH_ATOL_MM):
+        # absolute: the offsets are the z coordinates of the frames
+        if not np.allclose(iop, [1, 0, 0, 0, 1, 0], atol=ORIENTATION_ATOL):
+            raise GeometryError(
+                f"{path}: absolute GridFrameOffsetVector (first value {offsets[0]}) is only "
+                f"defined for ImageOrientationPatient [1,0,0,0,1,0], got {iop.tolist()}"
+            )
+        if not np.isclose(offsets[0], ipp[2], atol=PLANE_MATCH_ATOL_MM):
+            raise GeometryError(
+                f"{path}: GridFrameOffsetVector starts at {offsets[0]} but "
+                f"ImagePositionPatient z is {ipp[2]}; the dose geometry is inconsistent"
+            )
+        offsets = offsets - offsets[0]
+    step = check_regular_positions(offsets, f"RTDOSE {path}", "re-export the dose on a regular grid")
+    affine = affine_from_attributes(ipp, iop, ps, step)
+    grid = Grid(affine, (frames, int(ds.Rows), int(ds.Columns)))
+    _ = normal
+    return DoseGrid(grid=grid, dataset=ds, path=path)
+
+
+def _rtstruct_for_uid(ds: Dataset) -> str:
+    for fr in ds.get("ReferencedFrameOfReferenceSequence", []) or []:
+        uid = str(fr.get("FrameOfReferenceUID", "") or "")
+        if uid:
+            return uid
+    return ""
+
+
+def load_case(source: Path) -> Case:
+    """Read every file below ``source`` once and assemble one validated case.
+
+    Raises
+    ------
+    InputError, GeometryError, DicomReferenceError
+        With a one-line message naming the file or series and the remedy.
+    """
+    source = Path(source)
+    datasets: dict[Path, Dataset] = {}
+    records: list[FileRecord] = []
+    for path in iter_files(source):
+        ds = read_dicom(path, header_only=False)
+        if ds is None:
+            log.debug("skipping non-DICOM file %s", path)
+            continue
+        datasets[path] = ds
+        records.append(classify(ds, path))
+    files: CaseFiles = assemble_single_case(records, source)
+    ct = load_ct([datasets[r.path] for r in files.ct], [r.path for r in files.ct])
+    structure_set = None
+    if files.rtstruct is not None:
+        ss_ds = datasets[files.rtstruct.path]
+        ss_for = _rtstruct_for_uid(ss_ds)
+        if ss_for and ss_for != ct.frame_of_reference_uid:
+            raise DicomReferenceError(
+                f"{files.rtstruct.path}: structure set frame of reference {ss_for} does not match "
+                f"the CT's {ct.frame_of_reference_uid}; export the RTSTRUCT drawn on this CT"
+            )
+        structure_set = parse_structure_set(ss_ds, files.rtstruct.path)
+    doses = []
+    for r in files.doses:
+        if r.frame_of_reference_uid != ct.frame_of_reference_uid:
+            raise DicomReferenceError(
+                f"{r.path}: RTDOSE frame of reference {r.frame_of_reference_uid or '(none)'} does "
+                f"not match the CT's {ct.frame_of_reference_uid}; remove it or export the dose "
+                "computed on this CT"
+            )
+        doses.append(load_dose(datasets[r.path], r.path))
+    plans = []
+    for r in files.plans:
+        if r.frame_of_reference_uid and r.frame_of_reference_uid != ct.frame_of_reference_uid:
+            raise DicomReferenceError(
+                f"{r.path}: RTPLAN frame of reference {r.frame_of_reference_uid} does not match "
+                f"the CT's {ct.frame_of_reference_uid}; remove it from the case folder"
+            )
+        plans.append((r.path, datasets[r.path]))
+    for r in files.ignored:
+        log.warning("%s: %s object (SOP class %s) is not handled and will not be written",
+                    r.path, r.modality or "unknown", r.sop_class_uid)
+    return Case(
+        source=source,
+        ct=ct,
+        structure_set=structure_set,
+        doses=tuple(doses),
+        plans=tuple(plans),
+        ignored=tuple(r.path for r in files.ignored),
+    )

@@ -1,0 +1,191 @@
+"""Build the output datasets of a defaced case and write them atomically.
+
+Output layout (no identifiers in any path)::
+
+    OUT/CT/CT_0001.dcm ...     slices in index order (inferior to superior for HFS)
+    OUT/RTSTRUCT.dcm
+    OUT/RTDOSE_1.dcm ...
+    OUT/RTPLAN_1.dcm ...
+    OUT/rtdeface_report.json
+
+Every changed object gets a new SOPInstanceUID (the CT a new SeriesInstanceUID) through a
+keyed value-based :class:`~rtdeface.uids.UidMapper`, applied at every nesting depth and to the
+file meta, so every reference still resolves. The case is written into a temporary sibling
+directory and renamed into place: on any failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import RLELossless
+
+from rtdeface.errors import OutputError
+from rtdeface.load import copy_dataset
+from rtdeface.pipeline import DefacedCase
+from rtdeface.uids import UidMapper, remap_uids
+
+log = logging.getLogger(__name__)
+
+DERIVATION_DESCRIPTION = (
+    "Defaced by rtdeface: voxels superior to the inferior eye plane and anterior to the eyes' "
+    "A-P midpoint set to air, PTVs preserved"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class OutputObject:
+    """One dataset to write and where (relative to the case output folder)."""
+
+    relpath: str
+    role: str
+    dataset: Dataset
+
+
+def uid_key(defaced: DefacedCase) -> bytes:
+    """Key of the defacing UID mapping: a digest of the cut, so reruns give the same UIDs."""
+    r = defaced.region
+    payload = json.dumps(
+        {
+            "z": round(r.z_inferior_mm, 6),
+            "y": round(r.y_mid_mm, 6),
+            "kept": sorted(r.preserved_names),
+            "opts": repr(defaced.options),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(b"rtdeface-deface-v1:" + payload.encode()).digest()
+
+
+def changed_uids(defaced: DefacedCase) -> set[str]:
+    """Original UIDs that must change: every written object's SOP instance and series."""
+    case = defaced.case
+    out: set[str] = {case.ct.series_instance_uid}
+    objs: list[Dataset] = list(case.ct.datasets)
+    if case.structure_set is not None:
+        objs.append(case.structure_set.dataset)
+    objs.extend(d.dataset for d in case.doses)
+    objs.extend(ds for _, ds in case.plans)
+    for ds in objs:
+        out.add(str(ds.SOPInstanceUID))
+        if "SeriesInstanceUID" in ds:
+            out.add(str(ds.SeriesInstanceUID))
+    return out
+
+
+def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
+    """Store ``arr`` as the pixel data of ``ds`` losslessly, keeping the declared dtype."""
+    bits_alloc = int(ds.BitsAllocated)
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_alloc // 8}")
+    data = np.ascontiguousarray(arr.astype(dtype, copy=False))
+    ts = ds.file_meta.TransferSyntaxUID
+    if not ts.is_compressed:
+        ds.PixelData = data.tobytes()
+        return
+    if ts == RLELossless:
+        ds.compress(RLELossless, data, generate_instance_uid=False)
+        return
+    try:
+        ds.compress(ts, data, generate_instance_uid=False)
+    except Exception as exc:  # no encoder for this syntax installed
+        log.warning(
+            "no lossless encoder for %s (%s); writing that slice uncompressed", ts.name, exc
+        )
+        ds.set_pixel_data(
+            data, str(ds.PhotometricInterpretation), int(ds.BitsStored), generate_instance_uid=False
+        )
+
+
+def build_outputs(
+    defaced: DefacedCase,
+    deidentify: Callable[[Sequence[Dataset]], None] | None = None,
+) -> list[OutputObject]:
+    """Output datasets (deep copies; the loaded case is untouched) with UIDs remapped.
+
+    Parameters
+    ----------
+    defaced : DefacedCase
+    deidentify : callable, optional
+        Applied to all output datasets of the case together, after defacing and before the
+        defacing UID remap (it may remap every UID itself).
+    """
+    case = defaced.case
+    outputs: list[OutputObject] = []
+    for k, src in enumerate(case.ct.datasets):
+        ds = copy_dataset(src)
+        if k in defaced.ct.slices:
+            _set_pixels(ds, defaced.ct.slices[k])
+        image_type = list(ds.get("ImageType", ["ORIGINAL", "PRIMARY"]))
+        image_type[0] = "DERIVED"
+        ds.ImageType = image_type
+        ds.DerivationDescription = DERIVATION_DESCRIPTION
+        ds.RecognizableVisualFeatures = "NO"
+        outputs.append(OutputObject(f"CT/CT_{k + 1:04d}.dcm", "CT", ds))
+    if defaced.structures is not None:
+        outputs.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", defaced.structures.dataset))
+    for n, (dose, result) in enumerate(zip(case.doses, defaced.doses), start=1):
+        ds = copy_dataset(dose.dataset)
+        if result.stored is not None:
+            _set_pixels(ds, result.stored)
+        if "DVHSequence" in ds:
+            del ds.DVHSequence
+            log.info("RTDOSE %d: stale DVHSequence dropped", n)
+        outputs.append(OutputObject(f"RTDOSE_{n}.dcm", "RTDOSE", ds))
+    for n, (_, plan) in enumerate(case.plans, start=1):
+        outputs.append(OutputObject(f"RTPLAN_{n}.dcm", "RTPLAN", copy_dataset(plan)))
+    datasets = [o.dataset for o in outputs]
+    if deidentify is not None:
+        deidentify(datasets)
+    mapper = UidMapper(uid_key(defaced))
+    select = changed_uids(defaced).__contains__
+    for ds in datasets:
+        remap_uids(ds, mapper, select)
+    return outputs
+
+
+def write_atomic(
+    outputs: Sequence[OutputObject], out_dir: Path, extra_files: Mapping[str, bytes] = {}
+) -> Path:
+    """Write a case into ``out_dir`` atomically (temporary sibling, then rename).
+
+    Raises
+    ------
+    OutputError
+        ``out_dir`` exists and is not an empty directory, or it lies inside an input.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise OutputError(
+            f"{out_dir}: output exists and is not empty; choose a new output folder "
+            "(rtdeface never overwrites)"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".rtdeface-partial-", dir=out_dir.parent))
+    try:
+        for obj in outputs:
+            path = tmp / obj.relpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pydicom.dcmwrite(path, obj.dataset, enforce_file_format=True)
+        for name, data in extra_files.items():
+            (tmp / name).write_bytes(data)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
