@@ -12,11 +12,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rtdeface import __version__
 from rtdeface.errors import RtDefaceError, UsageError
 from rtdeface.pipeline import EYE_MODES, DefaceOptions, deface_case, find_landmarks
 from rtdeface.region import select_preserved
+
+if TYPE_CHECKING:
+    from rtdeface.deid import DeidOptions
+    from rtdeface.load import Case
 
 log = logging.getLogger("rtdeface")
 
@@ -62,6 +67,99 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_deid_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "de-identification (PS3.15 Annex E Basic Profile with RT-aware options; on by default)"
+    )
+    g.add_argument(
+        "--deid-key-file",
+        type=Path,
+        metavar="FILE",
+        help="secret key (file bytes) for UIDs, pseudonyms and date offsets; the same key links "
+        "objects exported in different runs [default: $RTDEFACE_KEY]",
+    )
+    g.add_argument(
+        "--random-key",
+        action="store_true",
+        help="use a random key when none is given (outputs of different runs will not link)",
+    )
+    g.add_argument(
+        "--pseudonym-csv",
+        type=Path,
+        metavar="CSV",
+        help="two columns: original PatientID,pseudonym [default: keyed hash 'RTD-...']",
+    )
+    g.add_argument("--pseudonym-prefix", default="RTD-", help="prefix of keyed-hash pseudonyms")
+    g.add_argument(
+        "--uid-root", default="2.25.", help="root of generated UIDs [default: 2.25.]"
+    )
+    g.add_argument(
+        "--keep-private",
+        action="append",
+        default=[],
+        metavar="GGGG,EEEE|GGGG,CREATOR",
+        help="keep this private element or private block (repeatable); others are removed",
+    )
+    g.add_argument(
+        "--no-patient-characteristics",
+        action="store_true",
+        help="do not retain PatientSex/Age/Size/Weight (Retain Patient Characteristics off)",
+    )
+    g.add_argument(
+        "--audit",
+        type=Path,
+        metavar="FILE",
+        help="audit file (original PatientID -> pseudonym, date offset, counts), mode 0600, "
+        "never inside the output [default: OUT_DIR.audit.json beside OUT_DIR]",
+    )
+    g.add_argument(
+        "--what-if",
+        action="store_true",
+        help="print what de-identification would do to each attribute class; write nothing",
+    )
+    g.add_argument(
+        "--no-deid",
+        action="store_true",
+        help="debugging only: skip de-identification (the output keeps every identifier)",
+    )
+
+
+def _parse_keep_private(values: Sequence[str]) -> tuple[tuple[int, int | str], ...]:
+    out: list[tuple[int, int | str]] = []
+    for v in values:
+        group, _, rest = v.partition(",")
+        try:
+            g = int(group, 16)
+        except ValueError as exc:
+            raise UsageError(f"--keep-private {v!r}: group must be hex (e.g. 0029,1010)") from exc
+        try:
+            out.append((g, int(rest, 16)))
+        except ValueError:
+            if not rest:
+                raise UsageError(f"--keep-private {v!r}: give GGGG,EEEE or GGGG,CREATOR") from None
+            out.append((g, rest))
+    return tuple(out)
+
+
+def _deid_options(args: argparse.Namespace) -> DeidOptions | None:
+    from rtdeface.deid import DeidOptions, load_key, read_pseudonym_csv
+
+    if args.no_deid:
+        log.warning("--no-deid: the output keeps every identifier; do not share it")
+        return None
+    key, random = load_key(args.deid_key_file, random_key=args.random_key)
+    if random:
+        log.warning("random de-identification key: outputs of other runs will not link")
+    return DeidOptions(
+        key=key,
+        uid_root=args.uid_root,
+        pseudonym_map=read_pseudonym_csv(args.pseudonym_csv) if args.pseudonym_csv else None,
+        pseudonym_prefix=args.pseudonym_prefix,
+        retain_patient_characteristics=not args.no_patient_characteristics,
+        keep_private=_parse_keep_private(args.keep_private),
+    )
+
+
 def _options(args: argparse.Namespace) -> DefaceOptions:
     return DefaceOptions(
         eye_rois=tuple(args.eye_roi),
@@ -94,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("case_dir", type=Path, metavar="CASE_DIR")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
     _add_case_options(p)
+    _add_deid_options(p)
 
     p = sub.add_parser(
         "inspect",
@@ -121,17 +220,31 @@ def _cmd_deface(args: argparse.Namespace) -> int:
     from rtdeface.write import build_outputs, write_atomic
 
     options = _options(args)
+    deid = _deid_options(args)
+    output = Path(args.output).absolute()
+    source = Path(args.case_dir).absolute()
+    if output == source or source in output.parents:
+        raise UsageError(f"output {output} lies inside the input {source}; choose another folder")
+    audit = (args.audit or output.with_name(output.name + ".audit.json")).absolute()
+    if deid is not None and (audit == output or output in audit.parents):
+        raise UsageError(f"--audit {audit} lies inside the output; it holds identifiers")
     t0 = time.perf_counter()
     case = load_case(args.case_dir)
     t_load = time.perf_counter() - t0
+    if args.what_if:
+        return _what_if(case, deid)
     defaced = deface_case(case, options)
     t = time.perf_counter()
-    outputs = build_outputs(defaced)
+    outputs, record = build_outputs(defaced, deid)
     defaced.timings_s["load"] = t_load
     defaced.timings_s["build_outputs"] = time.perf_counter() - t
-    report = case_report(defaced, outputs)
+    report = case_report(defaced, outputs, record)
     t = time.perf_counter()
-    out = write_atomic(outputs, args.output, {REPORT_NAME: to_json(report)})
+    out = write_atomic(outputs, output, {REPORT_NAME: to_json(report)})
+    if record is not None:
+        from rtdeface.deid import write_audit
+
+        write_audit(audit, [record])
     if not args.quiet:
         lm = defaced.landmarks
         removed = ", ".join(defaced.structures.removed_rois) if defaced.structures else ""
@@ -152,7 +265,37 @@ def _cmd_deface(args: argparse.Namespace) -> int:
             f"  ROIs changed: {changed}; removed: {removed or 'none'}; "
             f"dose voxels zeroed: {[d.voxels_zeroed for d in defaced.doses]}\n"
             f"  report: {out / REPORT_NAME}"
+            + (
+                f"\n  de-identified as {record.pseudonym}; audit (keep private): {audit}"
+                if record is not None
+                else "\n  NOT de-identified (--no-deid)"
+            )
         )
+    return 0
+
+
+def _what_if(case: Case, deid: DeidOptions | None) -> int:
+    """Print, per attribute class, what de-identification would do (nothing is written)."""
+    from rtdeface.deid import what_if
+
+    if deid is None:
+        raise UsageError("--what-if describes de-identification; it cannot go with --no-deid")
+    objects = [case.ct.datasets[0]]
+    if case.structure_set is not None:
+        objects.append(case.structure_set.dataset)
+    objects.extend(d.dataset for d in case.doses)
+    objects.extend(ds for _, ds in case.plans)
+    rows: dict[tuple[str, str, str], list[str]] = {}
+    for ds in objects:
+        modality = str(ds.get("Modality", "?"))
+        for e in what_if(ds, deid, ct_defaced=True):
+            rows.setdefault((modality, e.action, e.keyword or e.tag), []).append(
+                f"{e.before!r} -> {e.after!r}"
+            )
+    print(f"what-if (first CT slice stands for all {len(case.ct.datasets)} slices); nothing written")
+    print(f"{'object':<9} {'action':<16} {'attribute':<36} {'n':>5}  example")
+    for (modality, action, attr), examples in sorted(rows.items()):
+        print(f"{modality:<9} {action:<16} {attr:<36} {len(examples):>5}  {examples[0]}")
     return 0
 
 

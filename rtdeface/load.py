@@ -65,10 +65,21 @@ def copy_dataset(ds: Dataset) -> Dataset:
         new.file_meta = copy.deepcopy(ds.file_meta)
     if getattr(ds, "preamble", None) is not None:
         new.preamble = ds.preamble
-    implicit, little = ds.original_encoding
-    if implicit is not None or little is not None:
-        new.set_original_encoding(implicit, little, ds.original_character_set)
+    copy_encoding(ds, new)
     return new
+
+
+def copy_encoding(src: Dataset, dst: Dataset) -> None:
+    """Give ``dst`` the original encoding and character set context of ``src``.
+
+    pydicom re-parses every raw element of a dataset whose original encoding or character
+    set differs from the one it is written with; nested items built bottom-up would otherwise
+    see the default character set instead of their parent's and be re-parsed on write.
+    """
+    dst._parent_encoding = src._parent_encoding
+    implicit, little = src.original_encoding
+    if implicit is not None or little is not None:
+        dst.set_original_encoding(implicit, little, src._character_set)
 
 
 def _floats(ds: Dataset, keyword: str, n: int, what: str) -> FloatArray:

@@ -9,34 +9,84 @@ from collections.abc import Sequence
 from typing import Any
 
 from rtdeface import __version__
+from rtdeface.deid import DeidRecord, case_identity_tokens, is_safe_text
 from rtdeface.pipeline import DefacedCase
+from rtdeface.structures import RoiChange
 from rtdeface.write import OutputObject
 
 
-def case_report(defaced: DefacedCase, outputs: Sequence[OutputObject] = ()) -> dict[str, Any]:
-    """The report of one defaced case as JSON-ready data."""
+def output_roi_names(outputs: Sequence[OutputObject]) -> dict[int, str]:
+    """ROINumber -> ROIName as written (after de-identification's Clean Descriptors)."""
+    for o in outputs:
+        if o.role == "RTSTRUCT":
+            return {int(r.ROINumber): str(r.ROIName) for r in o.dataset.StructureSetROISequence}
+    return {}
+
+
+def case_report(
+    defaced: DefacedCase,
+    outputs: Sequence[OutputObject] = (),
+    deid: DeidRecord | None = None,
+) -> dict[str, Any]:
+    """The report of one defaced case as JSON-ready data.
+
+    With de-identification, ROI names are those written (a name Clean Descriptors replaced
+    appears replaced here too; a removed ROI appears as ``ROI_<number>``), and the report
+    carries the pseudonym but never the original PatientID or the date offset.
+    """
     case = defaced.case
     lm = defaced.landmarks
     ct_ml = case.ct.grid.voxel_volume_ml
+    written = output_roi_names(outputs)
+    number_of = (
+        {r.name: r.number for r in case.structure_set.rois} if case.structure_set else {}
+    )
+
+    tokens: frozenset[str] = frozenset()
+    if deid is not None:
+        sources = [case.ct.datasets[0]]
+        if case.structure_set is not None:
+            sources.append(case.structure_set.dataset)
+        tokens = case_identity_tokens(sources)
+
+    def name(original: str) -> str:
+        if deid is None or original not in number_of:
+            return original
+        number = number_of[original]
+        if number in written:
+            return written[number]
+        # removed ROI: same rule as Clean Descriptors applies to written labels
+        return original if is_safe_text(original, tokens, label=True) else f"ROI_{number}"
+
+    def roi_entry(change: RoiChange) -> dict[str, Any]:
+        entry = dataclasses.asdict(change)
+        entry["name"] = name(change.name)
+        return entry
+
+    eyes = []
+    for e in lm.eyes:
+        d = dataclasses.asdict(e)
+        d["name"] = name(e.name)
+        eyes.append(d)
     report: dict[str, Any] = {
         "rtdeface_version": __version__,
         "method": "O'Sullivan-Steben et al. 2025 (arXiv 2508.13914): remove z >= z_inferior_eye "
         "and y < y_mid_eyes, except preserved ROIs",
         "landmarks": {
             "source": lm.source,
-            "eye_rois": [e.name for e in lm.eyes],
+            "eye_rois": [name(e.name) for e in lm.eyes],
             "z_inferior_mm": lm.z_inferior_mm,
             "y_mid_mm": lm.y_mid_mm,
             "z_central_mm": lm.z_central_mm,
             "confidence": lm.confidence,
-            "eyes": [dataclasses.asdict(e) for e in lm.eyes],
+            "eyes": eyes,
             "warnings": list(lm.warnings),
         },
         "cut": {
             "rule": "z >= z_inferior_mm and y < y_mid_mm, minus preserved ROIs",
             "z_inferior_mm": defaced.region.z_inferior_mm,
             "y_mid_mm": defaced.region.y_mid_mm,
-            "preserved_rois": list(defaced.region.preserved_names),
+            "preserved_rois": [name(n) for n in defaced.region.preserved_names],
             "keep_margin_mm": defaced.options.keep_margin_mm,
         },
         "ct": {
@@ -48,10 +98,12 @@ def case_report(defaced: DefacedCase, outputs: Sequence[OutputObject] = ()) -> d
             "preserved_voxels_in_region": defaced.ct_preserved_in_region,
             "preserved_ml_in_region": round(defaced.ct_preserved_in_region * ct_ml, 3),
         },
-        "rois": [dataclasses.asdict(c) for c in defaced.structures.changes]
+        "rois": [roi_entry(c) for c in defaced.structures.changes]
         if defaced.structures is not None
         else [],
-        "rois_removed": list(defaced.structures.removed_rois) if defaced.structures else [],
+        "rois_removed": [name(n) for n in defaced.structures.removed_rois]
+        if defaced.structures
+        else [],
         "doses": [
             {
                 "index": n,
@@ -68,6 +120,14 @@ def case_report(defaced: DefacedCase, outputs: Sequence[OutputObject] = ()) -> d
         "ignored_objects": len(case.ignored),
         "outputs": [o.relpath for o in outputs],
         "timings_s": {k: round(v, 4) for k, v in defaced.timings_s.items()},
+        "deidentification": {
+            "applied": deid is not None,
+            "profile": deid.profile if deid else None,
+            "options": list(deid.options) if deid else [],
+            "pseudonym": deid.pseudonym if deid else None,
+            "objects": deid.n_objects if deid else 0,
+            "action_counts": dict(sorted(deid.action_counts.items())) if deid else {},
+        },
     }
     return report
 

@@ -34,6 +34,7 @@ from rtdeface.load import (
     StructureSet,
     contour_data_array,
     copy_dataset,
+    copy_encoding,
 )
 from rtdeface.region import DefacingRegion, even_odd, group_planes, polygon_from_points
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
-COORD_DECIMALS = 4
+COORD_DECIMALS = 6
 """Decimals (mm) written for new contour coordinates (DS values are at most 16 characters)."""
 
 MIN_RING_AREA_MM2 = 1e-6
@@ -137,6 +138,7 @@ def _polygon_rings(geom: BaseGeometry) -> list[FloatArray]:
 
 def _new_item(template: Dataset, gtype: str, data: list[str]) -> Dataset:
     item = Dataset()
+    copy_encoding(template, item)
     if "ContourImageSequence" in template:
         item.ContourImageSequence = copy.deepcopy(template.ContourImageSequence)
     item.ContourGeometricType = gtype

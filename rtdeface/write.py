@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
+from rtdeface.deid import DeidOptions, DeidRecord, deidentify_datasets
 from rtdeface.errors import OutputError
 from rtdeface.load import copy_dataset
 from rtdeface.pipeline import DefacedCase
@@ -111,17 +112,23 @@ def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
 
 
 def build_outputs(
-    defaced: DefacedCase,
-    deidentify: Callable[[Sequence[Dataset]], None] | None = None,
-) -> list[OutputObject]:
-    """Output datasets (deep copies; the loaded case is untouched) with UIDs remapped.
+    defaced: DefacedCase, deid: DeidOptions | None = None
+) -> tuple[list[OutputObject], DeidRecord | None]:
+    """Output datasets (copies; the loaded case is untouched) with UIDs remapped.
 
     Parameters
     ----------
     defaced : DefacedCase
-    deidentify : callable, optional
-        Applied to all output datasets of the case together, after defacing and before the
-        defacing UID remap (it may remap every UID itself).
+    deid : DeidOptions, optional
+        De-identify all output datasets of the case together (PS3.15 Annex E; every UID is
+        then remapped with the de-identification key). Without it only the UIDs of the
+        changed objects are remapped, with a key derived from the cut.
+
+    Returns
+    -------
+    outputs : list of OutputObject
+    record : DeidRecord or None
+        The de-identification audit record (holds the original PatientID: keep it private).
     """
     case = defaced.case
     outputs: list[OutputObject] = []
@@ -148,13 +155,15 @@ def build_outputs(
     for n, (_, plan) in enumerate(case.plans, start=1):
         outputs.append(OutputObject(f"RTPLAN_{n}.dcm", "RTPLAN", copy_dataset(plan)))
     datasets = [o.dataset for o in outputs]
-    if deidentify is not None:
-        deidentify(datasets)
-    mapper = UidMapper(uid_key(defaced))
-    select = changed_uids(defaced).__contains__
-    for ds in datasets:
-        remap_uids(ds, mapper, select)
-    return outputs
+    record = None
+    if deid is not None:
+        record = deidentify_datasets(datasets, deid, ct_defaced=True)
+    else:
+        mapper = UidMapper(uid_key(defaced))
+        select = changed_uids(defaced).__contains__
+        for ds in datasets:
+            remap_uids(ds, mapper, select)
+    return outputs, record
 
 
 def write_atomic(

@@ -1,0 +1,1284 @@
+"""De-identification of every object of a case: PS3.15 Annex E with RT-aware options.
+
+What is done to each element, at every nesting depth (file meta included), in this order:
+
+1. Private elements are removed, unless their ``(group, element)`` or ``(group, creator)`` is on
+   :attr:`DeidOptions.keep_private` (Retain Safe Private, on the user's list only).
+2. Identity: PatientID and PatientName become the same pseudonym (from a CSV or a keyed hash);
+   StudyID and AccessionNumber become keyed hashes so studies neither leak nor merge on import.
+3. Options (named as in PS3.15 E.3, all on by default):
+
+   * Retain Patient Characteristics: PatientSex, PatientAge, PatientSize, PatientWeight kept
+     (values that are not valid for their VR are emptied).
+   * Retain Device Identity: TreatmentMachineName kept (what a TPS import needs); every other
+     device identifier follows the Basic Profile.
+   * Retain Longitudinal Temporal Information with Modified Dates: every DA and DT is shifted by
+     one keyed per-patient offset (:func:`date_offset_days`), TM is kept, so intervals survive.
+     Values that are not dates (e.g. hash strings) are replaced by :data:`DUMMY_DATE`.
+     PatientBirthDate and PatientBirthTime are emptied (Basic Profile), not shifted.
+   * Clean Descriptors: label fields (ROIName, StructureSetLabel, RTPlanLabel, BeamName) are kept
+     when they look like TG-263 style names (:func:`is_safe_text`), otherwise replaced by a neutral
+     label (``ROI_<ROINumber>``, ``BEAM_<BeamNumber>``, ``SS_1``, ``PLAN_1``); descriptions,
+     comments and other free text are kept only when they pass the same test, else they get the
+     Basic Profile action (or are emptied when the table does not list them).
+
+4. Basic Profile action of :mod:`rtdeface.annex_e` (generated from a machine-readable Table E.1-1),
+   with combined actions resolved as: Z/D -> Z, X/Z -> Z, X/D -> D, X/Z/D -> Z, X/Z/U* -> keep
+   the sequence (its UIDs are remapped, its other elements processed) and Z otherwise. Choosing Z
+   or D over X keeps every type 1 and type 2 attribute present without identifying content.
+5. RT supplement for identifying elements the table does not list (:data:`RT_SUPPLEMENT`,
+   any other PN, any other LT/ST/UT, the AE titles of the file meta): cleaned or emptied; with
+   Modified Dates off, DA and DT values the table does not list are emptied too.
+6. Every UID that is not registered (``1.2.840.10008.*``) and not a class UID (SOP class, transfer
+   syntax, implementation class) is remapped with :class:`rtdeface.uids.UidMapper`, so references
+   between objects, and between objects de-identified in separate calls with the same key, resolve.
+7. PatientIdentityRemoved, DeidentificationMethod, DeidentificationMethodCodeSequence (CID 7050)
+   and LongitudinalTemporalInformationModified are set on every object.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag, Tag
+
+from rtdeface import __version__
+from rtdeface.annex_e import ACTIONS, EDITION, MASKED_ACTIONS, SOURCE
+from rtdeface.errors import InputError, UsageError
+from rtdeface.uids import DEFAULT_UID_ROOT, REGISTERED_UID_ROOT, UidMapper, remap_uids
+
+logger = logging.getLogger(__name__)
+
+PROFILE_NAME = f"PS3.15 Annex E Basic Profile (Table E.1-1, DICOM {EDITION})"
+"""Human-readable name of the action table used, recorded in outputs and audit records."""
+
+DEFAULT_KEY_ENV_VAR = "RTDEFACE_KEY"
+"""Environment variable read by :func:`load_key` when no key file is given."""
+
+DEFAULT_DATE_OFFSET_RANGE_DAYS = (-3650, -365)
+"""Inclusive range of the keyed per-patient date offset, in days (always into the past)."""
+
+DUMMY_DATE = "19000101"
+"""Replacement for DA values that are not dates (shifting them is impossible)."""
+
+DUMMY_DATETIME = "19000101000000"
+"""Replacement for DT values that are not date-times."""
+
+DUMMY_TEXT = "ANONYMIZED"
+"""Dummy value of the Basic Profile's D action for text VRs (valid for every string VR)."""
+
+RETAINED_PATIENT_CHARACTERISTICS = frozenset(
+    {"PatientSex", "PatientAge", "PatientSize", "PatientWeight"}
+)
+"""Kept by Retain Patient Characteristics (when valid for their VR)."""
+
+RETAINED_DEVICE_IDENTITY = frozenset({"TreatmentMachineName"})
+"""Kept by Retain Device Identity: the identifiers a TPS needs to import a plan."""
+
+LABEL_FIELDS: Mapping[str, tuple[str, str | None]] = {
+    "ROIName": ("ROI", "ROINumber"),
+    "BeamName": ("BEAM", "BeamNumber"),
+    "StructureSetLabel": ("SS", None),
+    "RTPlanLabel": ("PLAN", None),
+}
+"""Label keyword -> (neutral prefix, sibling keyword giving the number) for Clean Descriptors."""
+
+RT_SUPPLEMENT = frozenset(
+    {
+        "ApplicatorDescription",
+        "ApplicatorID",
+        "BeamDescription",
+        "BeamName",
+        "BlockName",
+        "BlockTrayID",
+        "BolusDescription",
+        "BolusID",
+        "CompensatorDescription",
+        "CompensatorID",
+        "DoseComment",
+        "DoseReferenceDescription",
+        "FixationDeviceDescription",
+        "FixationDeviceLabel",
+        "FractionGroupDescription",
+        "GeneralAccessoryDescription",
+        "GeneralAccessoryID",
+        "PatientSetupLabel",
+        "PrescriptionDescription",
+        "ProtocolName",
+        "RangeShifterDescription",
+        "RangeShifterID",
+        "ROIDescription",
+        "ROIGenerationAlgorithm",
+        "ROIGenerationDescription",
+        "ROIObservationDescription",
+        "ROIObservationLabel",
+        "RTPlanDescription",
+        "RTPlanName",
+        "SetupDeviceDescription",
+        "SetupDeviceLabel",
+        "ShieldingDeviceDescription",
+        "ShieldingDeviceLabel",
+        "SnoutID",
+        "SourceApplicatorID",
+        "SourceApplicatorName",
+        "StructureSetDescription",
+        "StructureSetName",
+        "ToleranceTableLabel",
+        "WedgeID",
+    }
+)
+"""RT free text and labels cleaned as descriptors whether or not Table E.1-1 lists them."""
+
+FILE_META_REMOVED = frozenset(
+    {
+        "SourceApplicationEntityTitle",
+        "SendingApplicationEntityTitle",
+        "ReceivingApplicationEntityTitle",
+        "PrivateInformationCreatorUID",
+        "PrivateInformation",
+    }
+)
+"""File meta elements that name systems of the originating site; removed."""
+
+DESCRIPTOR_SUFFIXES = ("Description", "Comments", "Comment", "Label")
+"""Keyword endings of free-text descriptors handled by Clean Descriptors."""
+
+NOT_DESCRIPTOR_PREFIXES = (
+    "Patient",
+    "Institution",
+    "Person",
+    "Admitting",
+    "Visit",
+    "Occupation",
+    "Requested",
+    "Physician",
+    "Operator",
+)
+"""Keywords starting like this are about people or sites and are never kept as descriptors."""
+
+TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+"""String VRs that carry free text."""
+
+FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+"""Long free-text VRs; treated as descriptors when Table E.1-1 does not list them."""
+
+_NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "AT"})
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_UI = frozenset({"UI"})
+_UNTOUCHED_VRS = (_NUMERIC_VRS | _BINARY_VRS | {"DS", "IS", "US or SS", "OB or OW"}) - {"UN"}
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_+.\- ]*$")
+_TEXT_RE = re.compile(r"^[A-Za-z0-9_+.\-, :;()/%=#&<>\[\]']*$")
+_DATE_LIKE_RE = re.compile(
+    r"(?<!\d)(19|20)\d{2}[-./]?(0[1-9]|1[0-2])[-./]?(0[1-9]|[12]\d|3[01])(?!\d)"
+    r"|(?<!\d)\d{1,2}[./-]\d{1,2}[./-]\d{2,4}(?!\d)"
+)
+_LONG_DIGITS_RE = re.compile(r"\d{5,}")
+_WORD_RE = re.compile(r"[0-9a-z]+")
+_HONORIFICS = frozenset({"dr", "mr", "mrs", "ms", "miss", "prof", "md", "phd"})
+_AS_RE = re.compile(r"^\d{3}[DWMY]$")
+_DT_RE = re.compile(
+    r"^(\d{4})(\d{2})?(\d{2})?(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?([+-]\d{4})?$"
+)
+
+TRIVIAL_VALUES = frozenset(
+    {
+        "",
+        "yes",
+        "no",
+        "none",
+        "unknown",
+        "anonymous",
+        "anonymized",
+        "anonymised",
+        "anon",
+        "n/a",
+        "na",
+        "null",
+        "other",
+        "male",
+        "female",
+        "removed",
+        "deidentified",
+    }
+)
+"""Values never treated as identifying (too common to mean anything)."""
+
+IDENTITY_ID_KEYWORDS = frozenset(
+    {
+        "PatientID",
+        "OtherPatientIDs",
+        "AccessionNumber",
+        "MedicalRecordLocator",
+        "IssuerOfPatientID",
+        "OtherPatientNames",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+    }
+)
+"""Keywords whose values (and words) are identity tokens of a case."""
+
+SITE_KEYWORDS = frozenset(
+    {"InstitutionName", "InstitutionalDepartmentName", "StationName", "InstitutionAddress"}
+)
+"""Keywords whose words (four letters or more) are identity tokens of a case."""
+
+
+# --------------------------------------------------------------------------------------------
+# Options, records, keys
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeidOptions:
+    """How to de-identify a case (PS3.15 E.1 Basic Profile plus the named options).
+
+    Attributes
+    ----------
+    key : bytes
+        Secret HMAC key: the same key gives the same UIDs, pseudonyms and date offsets.
+    uid_root : str
+        Root of generated UIDs (``2.25.`` by default).
+    pseudonym_map : Mapping[str, str] or None
+        Original PatientID -> pseudonym (e.g. from :func:`read_pseudonym_csv`); when given,
+        every case's PatientID must be in it.
+    pseudonym_prefix : str
+        Prefix of keyed-hash pseudonyms (used when ``pseudonym_map`` is None).
+    retain_patient_characteristics : bool
+        Retain Patient Characteristics Option (sex, age, size, weight).
+    keep_private : tuple of (int, int | str)
+        Private elements kept: ``(group, element)`` for one tag or ``(group, creator)`` for a
+        whole private block (Retain Safe Private Option, on this list only).
+    clean_descriptors : bool
+        Clean Descriptors Option (keep safe labels/descriptions, replace the rest).
+    retain_device_identity : bool
+        Retain Device Identity Option, limited to :data:`RETAINED_DEVICE_IDENTITY`.
+    modified_dates : bool
+        Retain Longitudinal Temporal Information with Modified Dates Option; when False, dates
+        and times get the Basic Profile action.
+    date_offset_range_days : tuple of int
+        Inclusive ``(low, high)`` range of the keyed per-patient date offset, in days.
+    """
+
+    key: bytes
+    uid_root: str = DEFAULT_UID_ROOT
+    pseudonym_map: Mapping[str, str] | None = None
+    pseudonym_prefix: str = "RTD-"
+    retain_patient_characteristics: bool = True
+    keep_private: tuple[tuple[int, int | str], ...] = ()
+    clean_descriptors: bool = True
+    retain_device_identity: bool = True
+    modified_dates: bool = True
+    date_offset_range_days: tuple[int, int] = DEFAULT_DATE_OFFSET_RANGE_DAYS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, bytes) or not self.key:
+            raise UsageError(
+                "de-identification key is empty: give --deid-key-file FILE or set "
+                f"{DEFAULT_KEY_ENV_VAR}, or --random-key (runs will not link)"
+            )
+        try:
+            UidMapper(self.key, self.uid_root)
+        except ValueError as exc:
+            raise UsageError(f"invalid UID root: {exc}") from exc
+        low, high = self.date_offset_range_days
+        if low > high:
+            raise UsageError(f"date offset range {self.date_offset_range_days} has low > high")
+        if len(self.pseudonym_prefix) > 40 or "\\" in self.pseudonym_prefix:
+            raise UsageError(
+                f"pseudonym prefix {self.pseudonym_prefix!r} must be at most 40 characters "
+                "without backslashes"
+            )
+        for entry in self.keep_private:
+            if len(entry) != 2 or not isinstance(entry[0], int) or entry[0] % 2 == 0:
+                raise UsageError(
+                    f"keep_private entry {entry!r} must be (odd group, element or creator)"
+                )
+
+    def applied_options(self, *, ct_defaced: bool) -> tuple[str, ...]:
+        """PS3.15 names of the options these settings apply (in code order)."""
+        names = []
+        if self.modified_dates:
+            names.append("Retain Longitudinal Temporal Information Modified Dates")
+        if self.clean_descriptors:
+            names.append("Clean Descriptors")
+        if self.retain_device_identity:
+            names.append("Retain Device Identity")
+        if self.retain_patient_characteristics:
+            names.append("Retain Patient Characteristics")
+        if self.keep_private:
+            names.append("Retain Safe Private")
+        if ct_defaced:
+            names.append("Clean Recognizable Visual Features")
+        return tuple(names)
+
+
+@dataclass(frozen=True)
+class DeidRecord:
+    """Audit record of one case (contains the original PatientID: keep it private).
+
+    Attributes
+    ----------
+    original_patient_id : str
+        PatientID before de-identification.
+    pseudonym : str
+        The new PatientID and PatientName.
+    date_offset_days : int
+        Days added to every date (0 when Modified Dates is off).
+    n_objects : int
+        Number of datasets de-identified.
+    action_counts : Mapping[str, int]
+        Number of elements per action class (``X``, ``Z``, ``D``, ``U``, ``date_shifted``,
+        ``retained_option``, ``label_kept``, ``label_replaced``, ``descriptor_kept``,
+        ``private_removed``, ...).
+    profile : str
+        Name and edition of the Annex E table used.
+    options : tuple of str
+        PS3.15 names of the options applied.
+    """
+
+    original_patient_id: str
+    pseudonym: str
+    date_offset_days: int
+    n_objects: int
+    action_counts: Mapping[str, int]
+    profile: str = PROFILE_NAME
+    options: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready representation."""
+        return {
+            "original_patient_id": self.original_patient_id,
+            "pseudonym": self.pseudonym,
+            "date_offset_days": self.date_offset_days,
+            "n_objects": self.n_objects,
+            "action_counts": dict(sorted(self.action_counts.items())),
+            "profile": self.profile,
+            "table_source": SOURCE,
+            "options": list(self.options),
+            "rtdeface_version": __version__,
+        }
+
+
+@dataclass(frozen=True)
+class WhatIfEntry:
+    """One action :func:`what_if` predicts.
+
+    Attributes
+    ----------
+    path : str
+        Element path, e.g. ``BeamSequence[0].OperatorsName`` (``file_meta.`` for group 2).
+    tag : str
+        ``(GGGG,EEEE)``.
+    keyword : str
+        DICOM keyword (empty for private elements).
+    action : str
+        Action class (same names as :attr:`DeidRecord.action_counts`).
+    before : str
+        Original value (shortened).
+    after : str
+        New value (shortened; empty when removed).
+    """
+
+    path: str
+    tag: str
+    keyword: str
+    action: str
+    before: str
+    after: str
+
+
+def load_key(
+    path: Path | None, env_var: str = DEFAULT_KEY_ENV_VAR, random_key: bool = False
+) -> tuple[bytes, bool]:
+    """Load the de-identification key.
+
+    Parameters
+    ----------
+    path : Path or None
+        Key file (its bytes, without trailing whitespace, are the key). Wins over the others.
+    env_var : str
+        Environment variable holding the key (UTF-8) when no file is given.
+    random_key : bool
+        When no file and no variable: make a random 32-byte key (runs will not link).
+
+    Returns
+    -------
+    tuple of (bytes, bool)
+        The key and whether it was generated at random.
+
+    Raises
+    ------
+    UsageError
+        No key available, or the key file is unreadable or empty.
+    """
+    if path is not None:
+        try:
+            key = Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read de-identification key file {path}: {exc.strerror}; "
+                "give a readable --deid-key-file"
+            ) from exc
+        if not key:
+            raise UsageError(f"de-identification key file {path} is empty; put a secret in it")
+        if len(key) < 16:
+            logger.warning("de-identification key from %s is shorter than 16 bytes", path)
+        return key, False
+    value = os.environ.get(env_var, "")
+    if value:
+        if len(value) < 16:
+            logger.warning("de-identification key from $%s is shorter than 16 bytes", env_var)
+        return value.encode("utf-8"), False
+    if random_key:
+        logger.info("using a random de-identification key: UIDs and pseudonyms will not link")
+        return secrets.token_bytes(32), True
+    raise UsageError(
+        "no de-identification key: give --deid-key-file FILE or set "
+        f"{env_var}, or --random-key (runs will not link)"
+    )
+
+
+def read_pseudonym_csv(path: Path | str) -> dict[str, str]:
+    """Read a two-column CSV ``original PatientID,pseudonym`` (an optional header is skipped).
+
+    Raises
+    ------
+    InputError
+        Unreadable file, a row without two values, an ID mapped twice, a pseudonym used for two
+        IDs, a pseudonym equal to an original ID, or a pseudonym that is not a valid LO/PN value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read pseudonym CSV {path}: {exc}") from exc
+    mapping: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue
+        if len(cells) < 2 or not cells[0] or not cells[1]:
+            raise InputError(
+                f"pseudonym CSV {path} line {line_no}: expected 'PatientID,pseudonym', "
+                f"got {len(cells)} value(s)"
+            )
+        original, pseudonym = cells[0], cells[1]
+        if line_no == 1 and original.lower().replace("_", "") in {
+            "patientid",
+            "original",
+            "originalpatientid",
+            "id",
+        }:
+            continue
+        if len(pseudonym) > 64 or any(ch in pseudonym for ch in "\\^=\r\n"):
+            raise InputError(
+                f"pseudonym CSV {path} line {line_no}: pseudonym {pseudonym!r} must be at most "
+                "64 characters without \\ ^ ="
+            )
+        if mapping.get(original, pseudonym) != pseudonym:
+            raise InputError(
+                f"pseudonym CSV {path} line {line_no}: PatientID {original!r} is mapped twice"
+            )
+        if owners.get(pseudonym, original) != original:
+            raise InputError(
+                f"pseudonym CSV {path} line {line_no}: pseudonym {pseudonym!r} is given to two "
+                "patients; pseudonyms must be unique"
+            )
+        mapping[original] = pseudonym
+        owners[pseudonym] = original
+    clash = set(mapping) & set(owners)
+    if clash:
+        raise InputError(
+            f"pseudonym CSV {path}: {len(clash)} pseudonym(s) equal an original PatientID; "
+            "choose pseudonyms that are not real IDs"
+        )
+    return mapping
+
+
+def write_audit(path: Path | str, records: Iterable[DeidRecord]) -> None:
+    """Write audit records as JSON readable by the owner only (mode 0600), atomically.
+
+    The file holds original PatientIDs and date offsets: keep it outside the shareable output.
+    """
+    path = Path(path)
+    payload = {
+        "profile": PROFILE_NAME,
+        "table_source": SOURCE,
+        "rtdeface_version": __version__,
+        "cases": [r.as_dict() for r in records],
+    }
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2)
+            fh.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Keyed values
+# --------------------------------------------------------------------------------------------
+
+
+def _keyed_hex(key: bytes, purpose: str, value: str, n_chars: int) -> str:
+    digest = hmac.new(key, f"{purpose}\x00{value}".encode(), hashlib.sha256).hexdigest()
+    return digest[:n_chars].upper()
+
+
+def date_offset_days(key: bytes, patient_id: str, range_days: tuple[int, int]) -> int:
+    """Keyed per-patient date offset in days, uniform in the inclusive ``range_days``."""
+    low, high = range_days
+    digest = hmac.new(key, f"date-offset\x00{patient_id}".encode(), hashlib.sha256).digest()
+    return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
+
+
+def pseudonym_for(patient_id: str, options: DeidOptions) -> str:
+    """The pseudonym of ``patient_id`` (CSV mapping, or prefix + 10 keyed hex characters).
+
+    Raises
+    ------
+    InputError
+        A mapping is given and it has no row for ``patient_id``.
+    """
+    if options.pseudonym_map is not None:
+        try:
+            return options.pseudonym_map[patient_id]
+        except KeyError:
+            raise InputError(
+                f"the pseudonym CSV has no row for PatientID {patient_id!r}; add one or run "
+                "without the CSV to use keyed-hash pseudonyms"
+            ) from None
+    return options.pseudonym_prefix + _keyed_hex(options.key, "patient", patient_id, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared classification (also used by rtdeface.phi)
+# --------------------------------------------------------------------------------------------
+
+
+def table_action(tag: int) -> str | None:
+    """Basic Profile action of ``tag`` from Table E.1-1, or None when it is not listed (K)."""
+    action = ACTIONS.get(tag)
+    if action is not None:
+        return action
+    for value, mask, masked_action in MASKED_ACTIONS:
+        if tag & mask == value:
+            return masked_action
+    return None
+
+
+def is_label_field(keyword: str) -> bool:
+    """True for the label fields kept when safe and otherwise replaced by a neutral label."""
+    return keyword in LABEL_FIELDS
+
+
+def is_descriptor_field(keyword: str, vr: str, tag: int) -> bool:
+    """True when Clean Descriptors may keep this element's value if it is safe text."""
+    if vr not in TEXT_VRS or vr == "PN" or not keyword:
+        return False
+    if keyword in LABEL_FIELDS or keyword in RT_SUPPLEMENT:
+        return True
+    if keyword.startswith(NOT_DESCRIPTOR_PREFIXES):
+        return False
+    if keyword.endswith(DESCRIPTOR_SUFFIXES) and vr != "CS":
+        return True
+    return vr in FREE_TEXT_VRS and table_action(tag) is None
+
+
+def is_class_uid_keyword(keyword: str) -> bool:
+    """True for UI elements that name a class or encoding, not an instance (never remapped)."""
+    return (
+        keyword.endswith("ClassUID")
+        or "TransferSyntax" in keyword
+        or keyword in {"SOPClassesInStudy", "CodingSchemeUID", "ImplementationClassUID"}
+    )
+
+
+def _str_values(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v) for v in value if v is not None]
+    return [str(value)]
+
+
+def _pn_parts(value: str) -> list[str]:
+    return [p for p in re.split(r"[\^=\s,]+", value.lower()) if p]
+
+
+def element_vr(ds: Dataset, tag: BaseTag) -> str:
+    """VR of ``ds[tag]`` without converting a raw value (dictionary VR when implicit)."""
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None)
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
+
+
+def iter_elements(
+    ds: Dataset, prefix: str = "", *, vrs: frozenset[str] | None = None
+) -> Iterator[tuple[str, Dataset, DataElement]]:
+    """Yield ``(path, owner, element)`` for every element at every depth, file meta first.
+
+    Parameters
+    ----------
+    ds : Dataset
+        Dataset to walk (its file meta too, when ``prefix`` is empty).
+    prefix : str
+        Path prefix of ``ds`` (used for nested items).
+    vrs : frozenset of str or None
+        When given, only elements with these VRs, and private elements, are yielded (and
+        converted from their raw bytes); sequences are always walked into.
+
+    Notes
+    -----
+    Paths look like ``file_meta.MediaStorageSOPInstanceUID`` or
+    ``BeamSequence[0].ControlPointSequence[3].(300B,1001)``.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and not prefix:
+        for elem in meta:
+            if vrs is None or elem.VR in vrs:
+                yield f"file_meta.{_elem_name(elem)}", meta, elem
+    for tag in list(ds.keys()):
+        vr = element_vr(ds, tag)
+        if vr != "SQ" and vrs is not None and vr not in vrs and not tag.is_private:
+            continue
+        elem = ds[tag]
+        path = f"{prefix}{_elem_name(elem)}"
+        yield path, ds, elem
+        if elem.VR == "SQ" and elem.value is not None:
+            for index, item in enumerate(elem.value):
+                yield from iter_elements(item, f"{path}[{index}].", vrs=vrs)
+
+
+def _elem_name(elem: DataElement) -> str:
+    keyword = elem.keyword if not elem.tag.is_private else ""
+    return keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+
+
+def case_identity_tokens(datasets: Iterable[Dataset]) -> frozenset[str]:
+    """Lower-case words that identify the case: person-name parts, IDs and site names.
+
+    Used by :func:`is_safe_text` so that a label or description that mentions the patient, a
+    clinician, an ID or the institution is never kept.
+    """
+    tokens: set[str] = set()
+    for ds in datasets:
+        for _path, _owner, elem in iter_elements(ds, vrs=TEXT_VRS):
+            if elem.VR == "SQ" or elem.tag.is_private:
+                continue
+            keyword = elem.keyword
+            is_pn = elem.VR == "PN"
+            if not (is_pn or keyword in IDENTITY_ID_KEYWORDS or keyword in SITE_KEYWORDS):
+                continue
+            for value in _str_values(elem.value):
+                low = value.strip().lower()
+                if low in TRIVIAL_VALUES:
+                    continue
+                if keyword in IDENTITY_ID_KEYWORDS and len(low) >= 3:
+                    tokens.add(low)
+                min_len = 4 if keyword in SITE_KEYWORDS else 3
+                parts = _pn_parts(low) if is_pn else _WORD_RE.findall(low)
+                tokens.update(p for p in parts if len(p) >= min_len and p not in TRIVIAL_VALUES)
+    return frozenset(tokens)
+
+
+def is_safe_text(value: str, tokens: Iterable[str] = (), *, label: bool = False) -> bool:
+    """True when ``value`` looks like a non-identifying name or description.
+
+    Parameters
+    ----------
+    value : str
+        The text.
+    tokens : iterable of str
+        Lower-case identity tokens of the case (:func:`case_identity_tokens`).
+    label : bool
+        Stricter alphabet for labels (TG-263 style: letters, digits, ``_ - + .`` and space).
+
+    Notes
+    -----
+    Rejected: characters outside the alphabet (``^`` of person names, ``@``, line breaks),
+    date-like patterns, runs of five or more digits (IDs), honorifics (Dr, Mr, ...), and any
+    word or substring equal to an identity token.
+    """
+    text = value.strip()
+    if not text:
+        return True
+    if not (_LABEL_RE if label else _TEXT_RE).match(text):
+        return False
+    if _DATE_LIKE_RE.search(text) or _LONG_DIGITS_RE.search(text):
+        return False
+    low = text.lower()
+    words = set(_WORD_RE.findall(low))
+    if words & _HONORIFICS:
+        return False
+    token_set = set(tokens)
+    if words & token_set or low in token_set:
+        return False
+    return not any(len(t) >= 6 and t in low for t in token_set)
+
+
+# --------------------------------------------------------------------------------------------
+# Date shifting
+# --------------------------------------------------------------------------------------------
+
+
+def shift_date(value: str, offset_days: int) -> str | None:
+    """Shift a DA value (``YYYYMMDD``, or legacy ``YYYY.MM.DD``); None when it is no date."""
+    text = value.strip().replace(".", "") if len(value.strip()) == 10 else value.strip()
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        day = dt.datetime.strptime(text, "%Y%m%d").date()
+    except ValueError:
+        return None
+    try:
+        return (day + dt.timedelta(days=offset_days)).strftime("%Y%m%d").zfill(8)
+    except OverflowError:
+        return None
+
+
+def shift_datetime(value: str, offset_days: int) -> str | None:
+    """Shift the date part of a DT value keeping its precision, time and offset; None if invalid."""
+    match = _DT_RE.match(value.strip())
+    if match is None:
+        return None
+    year, month, day, rest, zone = match.groups()
+    try:
+        base = dt.date(int(year), int(month or 1), int(day or 1))
+        shifted = base + dt.timedelta(days=offset_days)
+    except (ValueError, OverflowError):
+        return None
+    out = f"{shifted.year:04d}"
+    if month:
+        out += f"{shifted.month:02d}"
+    if day:
+        out += f"{shifted.day:02d}"
+    return out + (rest or "") + (zone or "")
+
+
+# --------------------------------------------------------------------------------------------
+# The walker
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    options: DeidOptions
+    pseudonym: str
+    offset_days: int
+    tokens: frozenset[str]
+    original_patient_id: str
+    counts: Counter[str] = field(default_factory=Counter)
+    events: list[WhatIfEntry] | None = None
+
+
+def _short(value: object) -> str:
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, DicomSequence):
+        return f"<{len(value)} item(s)>"
+    text = "\\".join(_str_values(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _note(
+    ctx: _Context,
+    path: str,
+    elem: DataElement,
+    action: str,
+    before: object,
+    after: object,
+    *,
+    count: bool = True,
+) -> None:
+    if count:
+        ctx.counts[action] += 1
+    if ctx.events is not None:
+        tag = f"({elem.tag.group:04X},{elem.tag.element:04X})"
+        keyword = "" if elem.tag.is_private else elem.keyword
+        ctx.events.append(WhatIfEntry(path, tag, keyword, action, _short(before), _short(after)))
+
+
+def _empty_value(vr: str) -> object:
+    if vr == "SQ":
+        return DicomSequence([])
+    if vr in _BINARY_VRS:
+        return b""
+    if vr in _NUMERIC_VRS or vr in {"IS", "DS"}:
+        return None
+    return ""
+
+
+def _dummy_value(vr: str) -> object:
+    if vr in {"SQ", "UI"} or vr in _BINARY_VRS:
+        return _empty_value(vr)
+    if vr == "DA":
+        return DUMMY_DATE
+    if vr == "DT":
+        return DUMMY_DATETIME
+    if vr == "TM":
+        return "000000"
+    if vr in {"IS", "DS"}:
+        return "0"
+    if vr in _NUMERIC_VRS:
+        return 0
+    if vr == "AS":
+        return ""
+    return DUMMY_TEXT
+
+
+def _resolve(action: str) -> str:
+    """Resolve a combined Table E.1-1 action to the one applied (see module docstring)."""
+    return {"Z/D": "Z", "X/Z": "Z", "X/D": "D", "X/Z/D": "Z", "X/Z/U*": "U*"}.get(action, action)
+
+
+def _private_kept(owner: Dataset, tag: BaseTag, keep: tuple[tuple[int, int | str], ...]) -> bool:
+    if not keep:
+        return False
+    group, element = tag.group, tag.element
+    if 0x0010 <= element <= 0x00FF:  # private creator: kept if its block is kept
+        creator = str(owner[tag].value or "").strip()
+        return any(
+            g == group
+            and (
+                (isinstance(e, str) and e.strip() == creator)
+                or (isinstance(e, int) and e >> 8 == element)
+            )
+            for g, e in keep
+        )
+    creator_tag = Tag(group, element >> 8)
+    creator = str(owner[creator_tag].value or "").strip() if creator_tag in owner else ""
+    for g, e in keep:
+        if g != group:
+            continue
+        if isinstance(e, int) and e == element:
+            return True
+        if isinstance(e, str) and creator and e.strip() == creator:
+            return True
+    return False
+
+
+def _neutral_label(owner: Dataset, keyword: str) -> str:
+    prefix, number_keyword = LABEL_FIELDS[keyword]
+    value = owner.get(number_keyword) if number_keyword else None
+    return f"{prefix}_{value}" if value not in (None, "") else f"{prefix}_1"
+
+
+def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
+    for tag in list(ds.keys()):
+        if tag not in ds:  # removed together with an earlier element
+            continue
+        vr = element_vr(ds, tag)
+        if vr in _UNTOUCHED_VRS and not tag.is_private and table_action(int(tag)) is None:
+            continue  # numbers and binary data the table does not list: kept, never converted
+        elem = ds[tag]
+        path = f"{prefix}{_elem_name(elem)}"
+        if _process_element(ds, elem, ctx, path) and elem.VR == "SQ" and elem.value:
+            for index, item in enumerate(elem.value):
+                _process_dataset(item, ctx, f"{path}[{index}].")
+
+
+def _set(
+    ctx: _Context,
+    path: str,
+    owner: Dataset,
+    elem: DataElement,
+    action: str,
+    new: object,
+    *,
+    remove: bool = False,
+) -> None:
+    """Set ``elem`` to ``new`` (or delete it when ``remove``) and note it under ``action``."""
+    before = elem.value
+    if remove:
+        del owner[elem.tag]
+        _note(ctx, path, elem, action, before, "")
+        return
+    if _str_values(before) == _str_values(new) and not isinstance(before, DicomSequence):
+        return
+    elem.value = new
+    _note(ctx, path, elem, action, before, new)
+
+
+def _process_element(owner: Dataset, elem: DataElement, ctx: _Context, path: str) -> bool:
+    """Apply the policy to one element; True when the element stays and may be recursed into."""
+    options = ctx.options
+    tag = int(elem.tag)
+    vr = elem.VR
+    if elem.tag.is_private:
+        if _private_kept(owner, elem.tag, options.keep_private):
+            ctx.counts["private_kept"] += 1
+            if vr in {"DA", "DT"} and options.modified_dates:
+                _shift(ctx, path, elem)
+            return True
+        _set(ctx, path, owner, elem, "private_removed", None, remove=True)
+        return False
+    keyword = elem.keyword or keyword_for_tag(tag)
+    if elem.tag.group == 0x0002:
+        if keyword in FILE_META_REMOVED:
+            _set(ctx, path, owner, elem, "X", None, remove=True)
+        return False
+    if keyword in {"PatientName", "PatientID"}:
+        _set(ctx, path, owner, elem, "pseudonym", ctx.pseudonym)
+        return False
+    if keyword in {"StudyID", "AccessionNumber"}:
+        _keyed_identifier(ctx, path, owner, elem)
+        return False
+    if keyword in {"PatientBirthDate", "PatientBirthTime"}:
+        _set(ctx, path, owner, elem, "Z", _empty_value(vr))
+        return False
+    if options.retain_patient_characteristics and keyword in RETAINED_PATIENT_CHARACTERISTICS:
+        _retain_characteristic(ctx, path, owner, elem)
+        return False
+    if options.retain_device_identity and keyword in RETAINED_DEVICE_IDENTITY:
+        ctx.counts["retained_option"] += 1
+        return False
+    if vr in {"DA", "DT"} and options.modified_dates:
+        _shift(ctx, path, elem)
+        return False
+    if vr == "TM" and options.modified_dates:
+        if table_action(tag) is not None:
+            ctx.counts["retained_option"] += 1
+        return False
+    if keyword in LABEL_FIELDS:
+        values = _str_values(elem.value)
+        if options.clean_descriptors and all(
+            is_safe_text(v, ctx.tokens, label=True) for v in values
+        ):
+            ctx.counts["label_kept"] += 1
+        elif any(v.strip() for v in values):
+            _set(ctx, path, owner, elem, "label_replaced", _neutral_label(owner, keyword))
+        return False
+    if options.clean_descriptors and is_descriptor_field(keyword, vr, tag):
+        values = _str_values(elem.value)
+        if all(is_safe_text(v, ctx.tokens) for v in values):
+            if any(v.strip() for v in values):
+                ctx.counts["descriptor_kept"] += 1
+            return False
+    listed = table_action(tag)
+    if listed is not None:
+        return _apply_table_action(ctx, path, owner, elem, _resolve(listed))
+    if keyword in RT_SUPPLEMENT or vr in {"PN", "DA", "DT"} or vr in FREE_TEXT_VRS:
+        _set(ctx, path, owner, elem, "Z", _empty_value(vr))
+        return False
+    return True
+
+
+def _apply_table_action(
+    ctx: _Context, path: str, owner: Dataset, elem: DataElement, action: str
+) -> bool:
+    vr = elem.VR
+    if action == "U":
+        return True  # remapped by remap_uids with every other UID
+    if action == "U*":
+        if vr == "SQ":
+            return True
+        action = "Z"
+    if action == "X":
+        _set(ctx, path, owner, elem, "X", None, remove=True)
+        return False
+    if action == "Z":
+        _set(ctx, path, owner, elem, "Z", _empty_value(vr))
+        return False
+    if action == "D":
+        if vr in {"DA", "DT"} and ctx.options.modified_dates:
+            _shift(ctx, path, elem)
+        else:
+            _set(ctx, path, owner, elem, "D", _dummy_value(vr))
+        return False
+    raise AssertionError(f"unknown Annex E action {action!r}")  # pragma: no cover
+
+
+def _shift(ctx: _Context, path: str, elem: DataElement) -> None:
+    values = _str_values(elem.value)
+    if not any(v.strip() for v in values):
+        return
+    shifter: Callable[[str, int], str | None] = shift_date if elem.VR == "DA" else shift_datetime
+    dummy = DUMMY_DATE if elem.VR == "DA" else DUMMY_DATETIME
+    new_values = []
+    replaced = False
+    for value in values:
+        shifted = shifter(value, ctx.offset_days) if value.strip() else ""
+        if shifted is None:
+            shifted, replaced = dummy, True
+        new_values.append(shifted)
+    before = elem.value
+    elem.value = new_values[0] if len(new_values) == 1 else new_values
+    _note(ctx, path, elem, "date_replaced" if replaced else "date_shifted", before, elem.value)
+
+
+def _retain_characteristic(ctx: _Context, path: str, owner: Dataset, elem: DataElement) -> None:
+    values = _str_values(elem.value)
+    value = values[0].strip() if values else ""
+    if elem.keyword == "PatientSex":
+        valid = value in {"", "M", "F", "O"}
+    elif elem.keyword == "PatientAge":
+        valid = value == "" or bool(_AS_RE.match(value))
+    else:
+        try:
+            valid = value == "" or float(value) >= 0
+        except ValueError:
+            valid = False
+    if valid:
+        ctx.counts["retained_option"] += 1
+    else:
+        _set(ctx, path, owner, elem, "Z", _empty_value(elem.VR))
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _case_patient_id(datasets: Sequence[Dataset]) -> str:
+    ids = {str(ds.get("PatientID", "") or "").strip() for ds in datasets}
+    ids.discard("")
+    if len(ids) > 1:
+        raise InputError(
+            f"the {len(datasets)} objects given as one case carry {len(ids)} different "
+            "PatientIDs; de-identify each patient's objects in a separate call"
+        )
+    if ids:
+        return ids.pop()
+    anchors = sorted(
+        str(ds.get(kw, "")) for ds in datasets for kw in ("StudyInstanceUID", "FrameOfReferenceUID")
+    )
+    anchor = next((a for a in anchors if a), "")
+    logger.warning("case has no PatientID; its pseudonym is derived from its study/frame UIDs")
+    return f"no-patient-id:{anchor}"
+
+
+def _code_item(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = "DCM"
+    item.CodeMeaning = meaning
+    return item
+
+
+OPTION_CODES: Mapping[str, tuple[str, str]] = {
+    "Basic Profile": ("113100", "Basic Application Confidentiality Profile"),
+    "Retain Longitudinal Temporal Information Modified Dates": (
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    "Clean Descriptors": ("113105", "Clean Descriptors Option"),
+    "Retain Device Identity": ("113109", "Retain Device Identity Option"),
+    "Retain Patient Characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "Retain Safe Private": ("113111", "Retain Safe Private Option"),
+    "Clean Recognizable Visual Features": ("113102", "Clean Recognizable Visual Features Option"),
+}
+"""Option name -> (DCM code value, code meaning) of PS3.16 CID 7050."""
+
+DEFACED_MODALITIES = frozenset({"CT", "RTSTRUCT", "RTDOSE"})
+"""Objects that carry Clean Recognizable Visual Features when the case was defaced."""
+
+
+def _method_texts(options: tuple[str, ...]) -> list[str]:
+    texts = [f"PS3.15 Basic Profile, Table E.1-1 DICOM {EDITION}", f"rtdeface {__version__}"]
+    texts.extend(o if len(o) <= 64 else o[:64] for o in options)
+    return texts
+
+
+def _stamp(ds: Dataset, ctx: _Context, options: tuple[str, ...]) -> None:
+    modality = str(ds.get("Modality", "") or "")
+    applied = [
+        o
+        for o in options
+        if o != "Clean Recognizable Visual Features" or modality in DEFACED_MODALITIES
+    ]
+    ds.PatientName = ctx.pseudonym
+    ds.PatientID = ctx.pseudonym
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = _method_texts(tuple(applied))
+    ds.DeidentificationMethodCodeSequence = DicomSequence(
+        [_code_item(*OPTION_CODES["Basic Profile"])]
+        + [_code_item(*OPTION_CODES[o]) for o in applied]
+    )
+    ds.LongitudinalTemporalInformationModified = (
+        "MODIFIED" if ctx.options.modified_dates else "REMOVED"
+    )
+
+
+def _keyed_identifier(ctx: _Context, path: str, owner: Dataset, elem: DataElement) -> None:
+    """StudyID and AccessionNumber -> keyed hashes (distinct per study, never merged)."""
+    value = "\\".join(_str_values(elem.value)).strip()
+    study_uid = str(owner.get("StudyInstanceUID", "") or "")
+    if elem.keyword == "StudyID":
+        anchor = study_uid or value
+        if anchor:
+            new = "S" + _keyed_hex(ctx.options.key, "study", anchor, 10)
+            _set(ctx, path, owner, elem, "keyed_id", new)
+    elif value:
+        new = "A" + _keyed_hex(ctx.options.key, "accession", f"{study_uid}\x00{value}", 10)
+        _set(ctx, path, owner, elem, "keyed_id", new)
+
+
+def _class_uids(datasets: Iterable[Dataset]) -> set[str]:
+    found: set[str] = set()
+    for ds in datasets:
+        for _path, _owner, elem in iter_elements(ds, vrs=_UI):
+            if elem.VR == "UI" and is_class_uid_keyword(elem.keyword):
+                found.update(v.strip() for v in _str_values(elem.value))
+    return found
+
+
+def deidentify_datasets(
+    datasets: Sequence[Dataset], options: DeidOptions, *, ct_defaced: bool
+) -> DeidRecord:
+    """De-identify, IN PLACE, all objects of one case (pass copies to keep the originals).
+
+    Parameters
+    ----------
+    datasets : sequence of Dataset
+        CT slices, RTSTRUCT, RTDOSE(s), RTPLAN and any other object of one patient.
+    options : DeidOptions
+        Key and options.
+    ct_defaced : bool
+        Whether the case was defaced (adds Clean Recognizable Visual Features to the CT,
+        RTSTRUCT and RTDOSE objects).
+
+    Returns
+    -------
+    DeidRecord
+        Audit record (original PatientID, pseudonym, date offset, action counts).
+
+    Raises
+    ------
+    InputError
+        The objects carry different PatientIDs, or the pseudonym CSV has no row for the case.
+    """
+    ctx = _make_context(datasets, options)
+    _deidentify(datasets, ctx, ct_defaced=ct_defaced)
+    return DeidRecord(
+        original_patient_id=ctx.original_patient_id,
+        pseudonym=ctx.pseudonym,
+        date_offset_days=ctx.offset_days,
+        n_objects=len(datasets),
+        action_counts=dict(ctx.counts),
+        options=options.applied_options(ct_defaced=ct_defaced),
+    )
+
+
+def _make_context(datasets: Sequence[Dataset], options: DeidOptions) -> _Context:
+    patient_id = _case_patient_id(datasets)
+    offset = (
+        date_offset_days(options.key, patient_id, options.date_offset_range_days)
+        if options.modified_dates
+        else 0
+    )
+    return _Context(
+        options=options,
+        pseudonym=pseudonym_for(patient_id, options),
+        offset_days=offset,
+        tokens=case_identity_tokens(datasets),
+        original_patient_id=patient_id,
+    )
+
+
+def _deidentify(datasets: Sequence[Dataset], ctx: _Context, *, ct_defaced: bool) -> None:
+    options = ctx.options.applied_options(ct_defaced=ct_defaced)
+    class_uids = _class_uids(datasets)
+    mapper = UidMapper(ctx.options.key, ctx.options.uid_root)
+
+    def select(uid: str) -> bool:
+        return uid.strip() not in class_uids and not uid.startswith(REGISTERED_UID_ROOT)
+
+    for ds in datasets:
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            _process_dataset(meta, ctx, "file_meta.")
+        _process_dataset(ds, ctx, "")
+        if ctx.events is not None:
+            for path, _owner, elem in iter_elements(ds, vrs=_UI):
+                for value in _str_values(elem.value) if elem.VR == "UI" else []:
+                    if value and select(value) and mapper.map(value) != value:
+                        _note(ctx, path, elem, "U", value, mapper.map(value), count=False)
+        ctx.counts["U"] += remap_uids(ds, mapper, select=select)
+        _stamp(ds, ctx, options)
+    logger.debug("de-identified %d object(s): %s", len(datasets), dict(ctx.counts))
+
+
+def what_if(ds: Dataset, options: DeidOptions, *, ct_defaced: bool = False) -> list[WhatIfEntry]:
+    """List what :func:`deidentify_datasets` would do to ``ds``, without modifying it.
+
+    Parameters
+    ----------
+    ds : Dataset
+        One object (its PatientID gives the pseudonym and date offset, as in the real run).
+    options : DeidOptions
+        Key and options.
+    ct_defaced : bool
+        As in :func:`deidentify_datasets`.
+
+    Returns
+    -------
+    list of WhatIfEntry
+        One entry per element changed or removed (path, tag, keyword, action, before, after).
+        The ``before`` values are identifying: show them to the operator only.
+    """
+    work = copy.deepcopy(ds)
+    ctx = _make_context([work], options)
+    ctx.events = []
+    _deidentify([work], ctx, ct_defaced=ct_defaced)
+    return list(ctx.events)
+
+
+__all__ = [
+    "DEFAULT_DATE_OFFSET_RANGE_DAYS",
+    "DEFAULT_KEY_ENV_VAR",
+    "DUMMY_DATE",
+    "LABEL_FIELDS",
+    "OPTION_CODES",
+    "PROFILE_NAME",
+    "RETAINED_DEVICE_IDENTITY",
+    "RETAINED_PATIENT_CHARACTERISTICS",
+    "RT_SUPPLEMENT",
+    "DeidOptions",
+    "DeidRecord",
+    "WhatIfEntry",
+    "case_identity_tokens",
+    "date_offset_days",
+    "deidentify_datasets",
+    "is_descriptor_field",
+    "is_safe_text",
+    "iter_elements",
+    "load_key",
+    "pseudonym_for",
+    "read_pseudonym_csv",
+    "shift_date",
+    "shift_datetime",
+    "table_action",
+    "what_if",
+    "write_audit",
+]
