@@ -63,8 +63,7 @@ def deface_ct(ct: CtSeries, cut: npt.NDArray[np.bool_]) -> CtResult:
     out: dict[int, npt.NDArray[np.integer]] = {}
     changed = 0
     air_first: int | None = None
-    for k in np.flatnonzero(cut.any(axis=(1, 2))):
-        k = int(k)
+    for k in (int(v) for v in np.flatnonzero(cut.any(axis=(1, 2)))):
         ds = ct.datasets[k]
         air = stored_value_for_hu(ds, AIR_HU)
         air_first = air if air_first is None else air_first

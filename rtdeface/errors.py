@@ -36,11 +36,11 @@ class UsageError(RtDefaceError):
 
 
 __all__ = [
+    "DicomReferenceError",
     "GeometryError",
     "InputError",
     "LandmarkError",
     "OutputError",
-    "DicomReferenceError",
     "RtDefaceError",
     "UsageError",
 ]

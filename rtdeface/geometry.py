@@ -19,7 +19,6 @@ tilt and oblique acquisitions raise :class:`~rtdeface.errors.GeometryError`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,9 +48,9 @@ PLANE_MATCH_ATOL_MM = 0.05
 
 
 def affine_from_attributes(
-    image_position_patient: Sequence[float],
-    image_orientation_patient: Sequence[float],
-    pixel_spacing: Sequence[float],
+    image_position_patient: npt.ArrayLike,
+    image_orientation_patient: npt.ArrayLike,
+    pixel_spacing: npt.ArrayLike,
     slice_step_mm: float,
 ) -> FloatArray:
     """Build the 4 x 4 index-to-patient affine of a grid (the module's index convention).
@@ -98,7 +97,7 @@ def affine_from_attributes(
     return affine
 
 
-def slice_normal(image_orientation_patient: Sequence[float]) -> FloatArray:
+def slice_normal(image_orientation_patient: npt.ArrayLike) -> FloatArray:
     """Unit slice normal IOP[0:3] x IOP[3:6], shape (3,)."""
     iop = np.asarray(image_orientation_patient, dtype=np.float64)
     n = np.cross(iop[:3], iop[3:])

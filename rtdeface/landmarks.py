@@ -15,12 +15,14 @@ The removal region is then every point with ``z >= z_inferior_mm`` and ``y < y_m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import shapely
 
 from rtdeface.errors import LandmarkError
 from rtdeface.geometry import PLANE_MATCH_ATOL_MM, Grid
@@ -58,6 +60,33 @@ class Eye:
     volume_ml: float
 
 
+EYE_AGREEMENT_TOL_MM = 5.0
+"""Contoured and image-found landmarks further apart than this (mm, in z or y) raise a warning."""
+
+
+@dataclass(frozen=True)
+class EyeCrossCheck:
+    """Contoured eyes compared with the eyes found in the image.
+
+    Attributes
+    ----------
+    dz_inferior_mm, dy_mid_mm : float or None
+        Image minus contours (mm); None when the image search failed.
+    image_confidence : float or None
+        Confidence of the image search.
+    agree : bool
+        Both differences within :data:`EYE_AGREEMENT_TOL_MM`.
+    message : str
+        Human-readable summary.
+    """
+
+    dz_inferior_mm: float | None
+    dy_mid_mm: float | None
+    image_confidence: float | None
+    agree: bool
+    message: str
+
+
 @dataclass(frozen=True)
 class EyeLandmarks:
     """The landmarks that define the removal region.
@@ -87,11 +116,10 @@ class EyeLandmarks:
     eyes: tuple[Eye, ...]
     confidence: float | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    cross_check: EyeCrossCheck | None = None
 
 
-DEFAULT_EYE_PATTERN = (
-    r"eye|globe|orbit|bulbus|oculi|oculus|auge|oeil|œil|ojo|occhio|bulbe"
-)
+DEFAULT_EYE_PATTERN = r"eye|globe|orbit|bulbus|oculi|oculus|auge|oeil|œil|ojo|occhio|bulbe"
 """Names that denote an eye globe (case-insensitive search). 'Orbit' is often used for the globe."""
 
 DEFAULT_EYE_EXCLUDE = (
@@ -102,10 +130,14 @@ DEFAULT_EYE_EXCLUDE = (
 """Helpers that must not be taken for an eye: PRVs, lenses, optic nerves, lacrimal glands,
 rings, avoidance/optimisation structures, expansions, 'z_' / '~' / 'x_' prefixed helpers."""
 
-LEFT_TOKENS = frozenset({"l", "lt", "left", "links", "li", "sin", "sinister", "os", "g", "gauche", "izq"})
+LEFT_TOKENS = frozenset(
+    {"l", "lt", "left", "links", "li", "sin", "sinister", "os", "g", "gauche", "izq"}
+)
 """Name tokens meaning patient left."""
 
-RIGHT_TOKENS = frozenset({"r", "rt", "right", "rechts", "re", "dx", "dex", "dexter", "od", "d", "droit", "der"})
+RIGHT_TOKENS = frozenset(
+    {"r", "rt", "right", "rechts", "re", "dx", "dex", "dexter", "od", "d", "droit", "der"}
+)
 """Name tokens meaning patient right."""
 
 EYE_VOLUME_RANGE_ML = (1.5, 20.0)
@@ -128,7 +160,9 @@ def side_from_name(name: str) -> str:
     return "unknown"
 
 
-def is_eye_name(name: str, pattern: str = DEFAULT_EYE_PATTERN, exclude: str = DEFAULT_EYE_EXCLUDE) -> bool:
+def is_eye_name(
+    name: str, pattern: str = DEFAULT_EYE_PATTERN, exclude: str = DEFAULT_EYE_EXCLUDE
+) -> bool:
     """Whether an ROI name denotes an eye globe under the given patterns."""
     return bool(re.search(pattern, name, re.IGNORECASE)) and not re.search(
         exclude, name, re.IGNORECASE
@@ -151,8 +185,18 @@ def closed_volume_ml(contours: Sequence[Contour], default_thickness_mm: float) -
         return 0.0
     zs = np.asarray(sorted(planes), dtype=np.float64)
     thickness = float(np.median(np.diff(zs))) if zs.size > 1 else default_thickness_mm
-    area = sum(
-        even_odd([polygon_from_points(c.points_lps_mm) for c in planes[z]]).area for z in planes
+    single = [planes[z][0].points_lps_mm[:, :2] for z in planes if len(planes[z]) == 1]
+    single = [xy for xy in single if len(xy) >= 3]
+    area = 0.0
+    if single:  # one contour on a plane: vectorised (valid polygons need no repair)
+        polys = shapely.polygons([shapely.linearrings(xy) for xy in single])
+        valid = shapely.is_valid(polys)
+        area += float(shapely.area(polys[valid]).sum())
+        area += sum(polygon_from_points(single[i]).area for i in np.flatnonzero(~valid))
+    area += sum(
+        even_odd([polygon_from_points(c.points_lps_mm) for c in planes[z]]).area
+        for z in planes
+        if len(planes[z]) > 1
     )
     return float(area * thickness / 1000.0)
 
@@ -250,7 +294,9 @@ def select_eye_rois(
         # sides from position: patient left is +x
         (ra, ea), (rb, eb) = plausible
         by_side = {"left": [], "right": [], "unknown": []}
-        left, right = ((ra, ea), (rb, eb)) if ea.centre_mm[0] > eb.centre_mm[0] else ((rb, eb), (ra, ea))
+        left, right = (
+            ((ra, ea), (rb, eb)) if ea.centre_mm[0] > eb.centre_mm[0] else ((rb, eb), (ra, ea))
+        )
         by_side["left"].append(left)
         by_side["right"].append(right)
     chosen = []
@@ -268,9 +314,7 @@ def select_eye_rois(
     if not chosen:
         chosen = [by_side["unknown"][0][0]]
     if len(chosen) == 1:
-        warnings.append(
-            f"only one eye ROI ({chosen[0].name!r}); landmarks come from a single eye"
-        )
+        warnings.append(f"only one eye ROI ({chosen[0].name!r}); landmarks come from a single eye")
     return chosen, warnings
 
 
@@ -300,3 +344,26 @@ def landmarks_from_rois(
         confidence=None,
         warnings=tuple(warnings),
     )
+
+
+def cross_check(
+    contoured: EyeLandmarks, image: EyeLandmarks | None, error: str = ""
+) -> EyeLandmarks:
+    """Attach the comparison of contoured and image-found landmarks (warn on disagreement)."""
+    if image is None:
+        check = EyeCrossCheck(None, None, None, False, f"image cross-check not possible: {error}")
+        return dataclasses.replace(contoured, cross_check=check)
+    dz = image.z_inferior_mm - contoured.z_inferior_mm
+    dy = image.y_mid_mm - contoured.y_mid_mm
+    agree = abs(dz) <= EYE_AGREEMENT_TOL_MM and abs(dy) <= EYE_AGREEMENT_TOL_MM
+    msg = (
+        f"eyes found in the image differ from the contoured eyes by dz {dz:+.1f} mm, "
+        f"dy {dy:+.1f} mm (tolerance {EYE_AGREEMENT_TOL_MM} mm)"
+    )
+    warnings = contoured.warnings
+    if not agree:
+        msg += "; check the eye contours (names, laterality, slices) or pass --eye-roi / --eyes"
+        log.warning("%s", msg)
+        warnings = (*warnings, msg)
+    check = EyeCrossCheck(dz, dy, image.confidence, agree, msg)
+    return dataclasses.replace(contoured, cross_check=check, warnings=warnings)

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from rtdeface.ct import CtResult, deface_ct
 from rtdeface.dose import DoseResult, deface_dose
 from rtdeface.errors import LandmarkError, UsageError
-from rtdeface.landmarks import EyeLandmarks, landmarks_from_rois, select_eye_rois
+from rtdeface.landmarks import (
+    EyeLandmarks,
+    cross_check,
+    landmarks_from_rois,
+    select_eye_rois,
+)
 from rtdeface.load import Case
 from rtdeface.region import (
     DefacingRegion,
@@ -44,6 +49,9 @@ class DefaceOptions:
         Margin (mm) added around every preserved ROI.
     preserve_ptvs : bool
         Preserve PTVs (the published method; on by default).
+    eye_check : bool
+        In ``auto`` mode, also find the eyes in the image and report (and warn about) their
+        disagreement with the contoured eyes.
     """
 
     eye_rois: tuple[str, ...] = ()
@@ -51,6 +59,7 @@ class DefaceOptions:
     keep: tuple[str, ...] = ()
     keep_margin_mm: float = 0.0
     preserve_ptvs: bool = True
+    eye_check: bool = True
 
     def __post_init__(self) -> None:
         if self.eyes not in EYE_MODES:
@@ -102,9 +111,19 @@ def find_landmarks(case: Case, options: DefaceOptions) -> EyeLandmarks:
         else:
             try:
                 rois, warnings = select_eye_rois(case.structure_set, case.ct.grid, options.eye_rois)
-                return landmarks_from_rois(rois, thickness, warnings)
+                contoured = landmarks_from_rois(rois, thickness, warnings)
             except LandmarkError as exc:
                 contour_error = exc
+            else:
+                if options.eyes == "auto" and options.eye_check:
+                    from rtdeface.eyefinder import find_eyes_in_image
+
+                    try:
+                        image = find_eyes_in_image(case.ct.hu_volume(), case.ct.grid)
+                    except LandmarkError as exc:
+                        return cross_check(contoured, None, str(exc))
+                    return cross_check(contoured, image)
+                return contoured
         if options.eyes == "contours" or options.eye_rois:
             raise contour_error
     try:
@@ -153,6 +172,9 @@ def deface_case(case: Case, options: DefaceOptions | None = None) -> DefacedCase
     timings["dose"] = time.perf_counter() - t
     log.info(
         "defaced: z >= %.2f mm, y < %.2f mm; %d CT voxels changed, %d preserved in region",
-        region.z_inferior_mm, region.y_mid_mm, ct.voxels_changed, kept,
+        region.z_inferior_mm,
+        region.y_mid_mm,
+        ct.voxels_changed,
+        kept,
     )
     return DefacedCase(case, options, landmarks, region, ct, kept, structures, doses, timings)

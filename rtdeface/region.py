@@ -249,9 +249,7 @@ class DefacingRegion:
         return cut, kept
 
 
-def preserved_sections(
-    rois: Sequence[Roi], default_thickness_mm: float
-) -> tuple[RoiSections, ...]:
+def preserved_sections(rois: Sequence[Roi], default_thickness_mm: float) -> tuple[RoiSections, ...]:
     """Sections of the given (preserved) ROIs."""
     return tuple(RoiSections.from_roi(r, default_thickness_mm) for r in rois)
 

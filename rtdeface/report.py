@@ -38,9 +38,7 @@ def case_report(
     lm = defaced.landmarks
     ct_ml = case.ct.grid.voxel_volume_ml
     written = output_roi_names(outputs)
-    number_of = (
-        {r.name: r.number for r in case.structure_set.rois} if case.structure_set else {}
-    )
+    number_of = {r.name: r.number for r in case.structure_set.rois} if case.structure_set else {}
 
     tokens: frozenset[str] = frozenset()
     if deid is not None:
@@ -81,6 +79,7 @@ def case_report(
             "confidence": lm.confidence,
             "eyes": eyes,
             "warnings": list(lm.warnings),
+            "image_cross_check": dataclasses.asdict(lm.cross_check) if lm.cross_check else None,
         },
         "cut": {
             "rule": "z >= z_inferior_mm and y < y_mid_mm, minus preserved ROIs",

@@ -21,8 +21,8 @@ import numpy.typing as npt
 import shapely
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from shapely.geometry import LineString, Polygon
 from shapely.geometry.base import BaseGeometry
 
@@ -185,7 +185,7 @@ def _clip_open(contour: Contour, item: Dataset, region: DefacingRegion) -> list[
         out = []
         for part in shapely.get_parts(parts):
             if isinstance(part, LineString) and not part.is_empty and len(part.coords) >= 2:
-                data = []
+                data: list[str] = []
                 for x, y in np.asarray(part.coords):
                     data.extend((_fmt(float(x)), _fmt(float(y)), _fmt(contour.z_mm)))
                 out.append(_new_item(item, "OPEN_PLANAR", data))
@@ -231,8 +231,18 @@ def deface_structures(
         is_kept = roi.name in preserved
         if is_kept or rc is None or "ContourSequence" not in rc or not roi.contours:
             changes.append(
-                RoiChange(roi.number, roi.name, roi.interpreted_type, is_kept, vol_before,
-                          vol_before, 0, n_before, n_before, False)
+                RoiChange(
+                    roi.number,
+                    roi.name,
+                    roi.interpreted_type,
+                    is_kept,
+                    vol_before,
+                    vol_before,
+                    0,
+                    n_before,
+                    n_before,
+                    False,
+                )
             )
             continue
         items = list(rc.ContourSequence)
@@ -248,7 +258,10 @@ def deface_structures(
                 continue
             group_contours = [closed[g] for g in group]
             new = _clip_closed_plane(
-                group_contours, [items[c.item_index] for c in group_contours], cut, z,
+                group_contours,
+                [items[c.item_index] for c in group_contours],
+                cut,
+                z,
                 region.y_mid_mm,
             )
             if new is None:
@@ -266,8 +279,18 @@ def deface_structures(
                 replacement[c.item_index] = new
         if not replacement:
             changes.append(
-                RoiChange(roi.number, roi.name, roi.interpreted_type, False, vol_before,
-                          vol_before, 0, n_before, n_before, False)
+                RoiChange(
+                    roi.number,
+                    roi.name,
+                    roi.interpreted_type,
+                    False,
+                    vol_before,
+                    vol_before,
+                    0,
+                    n_before,
+                    n_before,
+                    False,
+                )
             )
             continue
         new_items: list[Dataset] = []
@@ -290,8 +313,18 @@ def deface_structures(
         if removed:
             removed_numbers.add(roi.number)
         changes.append(
-            RoiChange(roi.number, roi.name, roi.interpreted_type, False, vol_before, vol_after,
-                      planes_changed, n_before, len(new_items), removed)
+            RoiChange(
+                roi.number,
+                roi.name,
+                roi.interpreted_type,
+                False,
+                vol_before,
+                vol_after,
+                planes_changed,
+                n_before,
+                len(new_items),
+                removed,
+            )
         )
     if removed_numbers:
         _remove_rois(ds, removed_numbers)

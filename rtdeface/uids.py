@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 REGISTERED_UID_ROOT = "1.2.840.10008."
@@ -61,6 +63,23 @@ class UidMapper:
         room = MAX_UID_LENGTH - len(self.root)
         return self.root + number[:room]
 
+    def map_same_length(self, uid: str) -> str:
+        """Like :meth:`map` but the result has exactly the length of ``uid`` when possible.
+
+        Used when rewriting UIDs inside raw (unparsed) element bytes, where a value may only be
+        replaced by one of the same length. UIDs shorter than the root plus 2 digits, or longer
+        than the root plus 77 digits, fall back to :meth:`map` (and are rewritten parsed).
+        """
+        uid = str(uid).strip().rstrip("\x00")
+        if uid.startswith(REGISTERED_UID_ROOT) or not uid:
+            return uid
+        digits_needed = len(uid) - len(self.root)
+        if not 2 <= digits_needed <= 77:
+            return self.map(uid)
+        digest = hmac.new(self.key, uid.encode("ascii", "replace"), hashlib.sha256).digest()
+        number = str(int.from_bytes(digest, "big"))  # 77 or 78 digits, no leading zero
+        return self.root + number[:digits_needed]
+
 
 def element_vr(ds: Dataset, tag: int) -> str:
     """VR of an element without converting its value (raw elements stay raw).
@@ -75,6 +94,56 @@ def element_vr(ds: Dataset, tag: int) -> str:
         return str(dictionary_VR(tag))
     except KeyError:
         return "UN"
+
+
+RAW_UID_PATTERN = re.compile(rb"(?<![0-9.])[0-9]+(?:\.[0-9]+){2,}(?![0-9.])")
+"""A whole UID-like value in raw bytes: digit groups with at least two dots, not preceded or
+followed by a digit or a dot (so decimal numbers such as contour coordinates never match, and
+a UID that is a prefix of another never matches inside it)."""
+
+
+@dataclass(frozen=True)
+class SameLengthTable:
+    """Original UID -> same-length new UID, as bytes, with a matcher for raw element bytes.
+
+    Build it once per case with :meth:`build`; it is applied to every object of the case.
+
+    Attributes
+    ----------
+    table : dict of bytes to bytes
+        Only UIDs whose same-length mapping exists.
+    fallback : frozenset of str
+        UIDs that cannot be mapped with the same length (rewritten parsed, with
+        :meth:`UidMapper.map`).
+    pattern : re.Pattern
+        Maximal runs of UID characters with a length of some key.
+    """
+
+    table: dict[bytes, bytes]
+    fallback: frozenset[str]
+    pattern: re.Pattern[bytes]
+
+    @classmethod
+    def build(cls, mapper: UidMapper, uids: Collection[str]) -> SameLengthTable:
+        """Map every UID of ``uids`` once."""
+        table: dict[bytes, bytes] = {}
+        fallback: set[str] = set()
+        for u in uids:
+            new = mapper.map_same_length(u)
+            if u and len(new) == len(u):
+                table[u.encode("ascii")] = new.encode("ascii")
+            elif u:
+                fallback.add(u)
+        return cls(table, frozenset(fallback), RAW_UID_PATTERN)
+
+    def sub(self, value: bytes) -> bytes:
+        """Replace whole UID values found in raw bytes by their same-length mapping.
+
+        Only maximal runs of ``[0-9.]`` equal to a key are replaced, so a UID that is a prefix
+        of another is never touched; lengths are unchanged, so the encoding stays valid.
+        """
+        table = self.table
+        return self.pattern.sub(lambda m: table.get(m.group(), m.group()), value)
 
 
 def iter_uid_elements(ds: Dataset) -> Iterable[tuple[Dataset, int]]:
@@ -99,6 +168,54 @@ def iter_uid_elements(ds: Dataset) -> Iterable[tuple[Dataset, int]]:
                 value = current[tag].value
                 if value is not None:
                     stack.extend(value)
+
+
+def remap_uids_raw(ds: Dataset, mapper: UidMapper, table: SameLengthTable) -> int:
+    """Rewrite, in place, the UIDs of ``table`` wherever they occur in ``ds``, parsing little.
+
+    Raw (still unparsed) elements and sequences are rewritten at the byte level with
+    same-length UIDs, so large structure sets are never decoded and re-encoded; parsed
+    elements are rewritten as values. UIDs without a same-length mapping are rewritten with
+    :func:`remap_uids` (which parses what it walks).
+
+    Returns
+    -------
+    int
+        Number of elements rewritten.
+    """
+    changed = 0
+    if table.fallback:
+        changed += remap_uids(ds, mapper, table.fallback.__contains__)
+    same = {k.decode(): v.decode() for k, v in table.table.items()}
+    datasets = [ds]
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        datasets.append(meta)
+    while datasets:
+        current = datasets.pop()
+        for tag in list(current.keys()):
+            elem = current.get_item(tag)
+            if isinstance(elem, RawDataElement):
+                # only UIDs and sequences can hold UIDs (never pixel data or other binary VRs)
+                if (
+                    isinstance(elem.value, bytes)
+                    and elem.value
+                    and element_vr(current, tag) in ("UI", "SQ")
+                ):
+                    new = table.sub(elem.value)
+                    if new != elem.value:
+                        current[tag] = elem._replace(value=new)
+                        changed += 1
+                continue
+            if elem.VR == "SQ":
+                datasets.extend(elem.value or [])
+            elif elem.VR == "UI" and elem.value:
+                values = [str(v) for v in (elem.value if elem.VM > 1 else [elem.value])]
+                new_values = [same.get(v.strip().rstrip("\x00"), v) for v in values]
+                if new_values != values:
+                    elem.value = new_values if elem.VM > 1 else new_values[0]
+                    changed += 1
+    return changed
 
 
 def remap_uids(ds: Dataset, mapper: UidMapper, select: Callable[[str], bool]) -> int:
@@ -143,7 +260,9 @@ __all__ = [
     "DEFAULT_UID_ROOT",
     "MAX_UID_LENGTH",
     "REGISTERED_UID_ROOT",
+    "SameLengthTable",
     "UidMapper",
     "iter_uid_elements",
     "remap_uids",
+    "remap_uids_raw",
 ]

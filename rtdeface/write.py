@@ -16,7 +16,6 @@ directory and renamed into place: on any failure nothing is left behind.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -37,7 +36,7 @@ from rtdeface.deid import DeidOptions, DeidRecord, deidentify_datasets
 from rtdeface.errors import OutputError
 from rtdeface.load import copy_dataset
 from rtdeface.pipeline import DefacedCase
-from rtdeface.uids import UidMapper, remap_uids
+from rtdeface.uids import SameLengthTable, UidMapper, remap_uids_raw
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +159,9 @@ def build_outputs(
         record = deidentify_datasets(datasets, deid, ct_defaced=True)
     else:
         mapper = UidMapper(uid_key(defaced))
-        select = changed_uids(defaced).__contains__
+        table = SameLengthTable.build(mapper, changed_uids(defaced))
         for ds in datasets:
-            remap_uids(ds, mapper, select)
+            remap_uids_raw(ds, mapper, table)
     return outputs, record
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import pydicom
 import pytest
 from shapely.geometry import Polygon, box
-from shapely.ops import unary_union
 
 from rtdeface.cli import main
 from rtdeface.load import contour_data_array
@@ -33,9 +32,7 @@ def in_ptv_face(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     return (x > PX0) & (x < PX1) & (y > PY0) & (y < PY1) & (z > PZ0) & (z < PZ1)
 
 
-def expected_cut(
-    x: np.ndarray, y: np.ndarray, z: np.ndarray, variant: str = "hfs"
-) -> np.ndarray:
+def expected_cut(x: np.ndarray, y: np.ndarray, z: np.ndarray, variant: str = "hfs") -> np.ndarray:
     truth = compute_truth(variant)
     return (z >= truth.z_inferior_eye_mm) & (y < truth.y_mid_mm) & ~in_ptv_face(x, y, z)
 
@@ -68,7 +65,7 @@ def _canonical(values: np.ndarray, z: np.ndarray, x: np.ndarray, y: np.ndarray) 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_ct_exact_voxels(cases: dict[str, tuple[Path, Path]], variant: str) -> None:
     src, dst = cases[variant]
-    _, stored0, hu0, (z, x, y) = read_ct(src / "CT")
+    _, stored0, _hu0, (z, x, y) = read_ct(src / "CT")
     _, stored1, hu1, centres1 = read_ct(dst / "CT")
     for a, b in zip((z, x, y), centres1):
         np.testing.assert_array_equal(a, b)
@@ -210,7 +207,9 @@ def test_references_resolve(cases: dict[str, tuple[Path, Path]], variant: str) -
 
 def test_every_object_is_new_and_headers_marked(cases: dict[str, tuple[Path, Path]]) -> None:
     src, dst = cases["hfs"]
-    uids_in = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in src.rglob("*.dcm")}
+    uids_in = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in src.rglob("*.dcm")
+    }
     outs = [pydicom.dcmread(p, stop_before_pixels=True) for p in dst.rglob("*.dcm")]
     assert len(outs) == len(uids_in) == 92 + 3
     assert not uids_in & {ds.SOPInstanceUID for ds in outs}

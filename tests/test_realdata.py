@@ -25,7 +25,8 @@ PTVS = ("PTV_70cf", "SPTV 70", "PTV_56cf", "SPTV 56")
 @pytest.fixture(scope="module")
 def defaced(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("real") / "out"
-    assert main(["-q", "deface", str(shared_data / "onko_hn_eyes"), "-o", str(out)]) == 0
+    args = ["-q", "deface", str(shared_data / "onko_hn_eyes"), "-o", str(out), "--random-key"]
+    assert main(args) == 0
     return out
 
 
@@ -108,9 +109,12 @@ def test_structures_and_report(shared_data: Path, defaced: Path) -> None:
             pts = np.array(item.ContourData, dtype=float).reshape(-1, 3)
             if pts[0, 2] >= Z_INFERIOR and names0[number] not in PTVS:
                 poly = Polygon(pts[:, :2])
-                assert poly.intersection(
-                    Polygon([(-1e4, -1e4), (1e4, -1e4), (1e4, Y_MID), (-1e4, Y_MID)])
-                ).area < 1e-6
+                assert (
+                    poly.intersection(
+                        Polygon([(-1e4, -1e4), (1e4, -1e4), (1e4, Y_MID), (-1e4, Y_MID)])
+                    ).area
+                    < 1e-6
+                )
     body = next(r for r in report["rois"] if r["name"] == "External ROI_1")
     assert body["volume_before_ml"] == pytest.approx(10632.47, abs=0.01)
     assert body["volume_before_ml"] - body["volume_after_ml"] == pytest.approx(100.24, abs=0.05)
@@ -120,10 +124,36 @@ def test_no_eye_contours_is_a_one_line_error(
     shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    code = main(["deface", str(shared_data / "onko_hn"), "-o", str(out), "--eyes", "contours"])
+    code = main(
+        [
+            "deface",
+            str(shared_data / "onko_hn"),
+            "-o",
+            str(out),
+            "--eyes",
+            "contours",
+            "--random-key",
+        ]
+    )
     assert code == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1
+    err = errors[0]
+    assert err.startswith("rtdeface: error: ")
     assert "no eye ROI found" in err and "'External ROI_1'" in err and "--eye-roi NAME" in err
     assert not out.exists()
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # no partial output, no audit file
+
+
+def test_no_eye_contours_found_in_image(shared_data: Path, tmp_path: Path) -> None:
+    """Without eye ROIs the default (--eyes auto) finds the eyes in the CT (within 3 mm)."""
+    out = tmp_path / "out"
+    args = ["-q", "deface", str(shared_data / "onko_hn"), "-o", str(out), "--random-key"]
+    assert main(args) == 0
+    lm = json.loads((out / "rtdeface_report.json").read_text())["landmarks"]
+    assert lm["source"] == "image"
+    assert lm["confidence"] > 0.8
+    assert abs(lm["z_inferior_mm"] - Z_INFERIOR) <= 3.0
+    assert abs(lm["y_mid_mm"] - Y_MID) <= 3.0
+    refs = check_folder_references(out)
+    assert refs.ok, refs.problems

@@ -57,7 +57,10 @@ def make_rtstruct(rois: dict[str, tuple[str, list[tuple[str, list[float]]]]]) ->
 def structure_set():  # type: ignore[no-untyped-def]
     ds = make_rtstruct(
         {
-            "BODY": ("EXTERNAL", [("CLOSED_PLANAR", square(-50, -50, 50, 50, z)) for z in (0, 2, 4)]),
+            "BODY": (
+                "EXTERNAL",
+                [("CLOSED_PLANAR", square(-50, -50, 50, 50, z)) for z in (0, 2, 4)],
+            ),
             "PTV_Face": ("PTV", [("CLOSED_PLANAR", square(-10, -30, 10, -10, 2))]),
             "Skull": (
                 "ORGAN",
@@ -161,7 +164,9 @@ def test_point_and_open_contours(structure_set) -> None:  # type: ignore[no-unty
 def test_region_samples_exact_voxels(structure_set) -> None:  # type: ignore[no-untyped-def]
     region = _region(structure_set)
     # 1 mm voxels centred on integers + 0.5 (no centre on a boundary), z planes 0, 2, 4
-    grid = Grid(affine_from_attributes([-49.5, -49.5, 0.0], [1, 0, 0, 0, 1, 0], [1, 1], 2.0), (3, 100, 100))
+    grid = Grid(
+        affine_from_attributes([-49.5, -49.5, 0.0], [1, 0, 0, 0, 1, 0], [1, 1], 2.0), (3, 100, 100)
+    )
     cut, kept = region.sample(grid)
     assert not cut[0].any()
     # plane z=2: all 100 x 50 anterior voxels minus the 20 x 20 PTV voxels
