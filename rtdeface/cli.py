@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rtdeface import __version__
 from rtdeface.errors import RtDefaceError, UsageError
@@ -20,7 +20,9 @@ from rtdeface.pipeline import EYE_MODES, DefaceOptions, deface_case, find_landma
 from rtdeface.region import select_preserved
 
 if TYPE_CHECKING:
+    from rtdeface.batch import CaseResult
     from rtdeface.deid import DeidOptions
+    from rtdeface.discover import TreeCases
     from rtdeface.load import Case
 
 log = logging.getLogger("rtdeface")
@@ -61,6 +63,12 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
         help="margin (mm) around every preserved ROI [default: 0]",
     )
     g.add_argument(
+        "--no-eye-check",
+        action="store_true",
+        help="with --eyes auto and contoured eyes, skip finding the eyes in the image as a "
+        "cross-check",
+    )
+    g.add_argument(
         "--no-ptv",
         action="store_true",
         help="do not preserve PTVs (only --keep ROIs are preserved)",
@@ -90,9 +98,7 @@ def _add_deid_options(p: argparse.ArgumentParser) -> None:
         help="two columns: original PatientID,pseudonym [default: keyed hash 'RTD-...']",
     )
     g.add_argument("--pseudonym-prefix", default="RTD-", help="prefix of keyed-hash pseudonyms")
-    g.add_argument(
-        "--uid-root", default="2.25.", help="root of generated UIDs [default: 2.25.]"
-    )
+    g.add_argument("--uid-root", default="2.25.", help="root of generated UIDs [default: 2.25.]")
     g.add_argument(
         "--keep-private",
         action="append",
@@ -167,6 +173,49 @@ def _options(args: argparse.Namespace) -> DefaceOptions:
         keep=tuple(args.keep),
         keep_margin_mm=args.keep_margin,
         preserve_ptvs=not args.no_ptv,
+        eye_check=not args.no_eye_check,
+    )
+
+
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batch (an INPUT tree with several cases)")
+    g.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cases defaced in parallel by a process pool [default: CPU count]",
+    )
+    g.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop starting new cases after the first failure (default: record it and go on)",
+    )
+    g.add_argument(
+        "--batch",
+        action="store_true",
+        help="use the batch layout (OUT_DIR/<pseudonym>_<hash>/, manifest, summary) even when "
+        "INPUT holds a single case",
+    )
+    g.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="batch log (paths, UIDs and names scrubbed) [default: OUT_DIR/rtdeface.log]",
+    )
+    d = g.add_mutually_exclusive_group()
+    d.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the cases on this Dask distributed scheduler (needs rtdeface[dask]; INPUT "
+        "and OUT_DIR must have the same paths on every worker; the key travels with each task)",
+    )
+    d.add_argument(
+        "--dask-local",
+        type=int,
+        metavar="N",
+        help="run the cases on a local Dask cluster of N single-threaded worker processes",
     )
 
 
@@ -185,22 +234,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "deface",
-        help="deface one case folder into a new output folder",
-        description="Deface one case: CT + RTSTRUCT (+ RTDOSE, RTPLAN) found by content in "
-        "CASE_DIR. The output folder must not exist (or be empty); inputs are never modified.",
+        help="deface one case folder, or every case of a tree, into a new output folder",
+        description="Deface every case found by content below INPUT (any layout: one folder "
+        "per patient, one flat folder, nested TPS exports; non-DICOM files are skipped). "
+        "When INPUT holds one CT series the case is written directly into OUT_DIR; otherwise "
+        "each case gets OUT_DIR/<pseudonym>_<hash>/ with a manifest, summary.csv/json and a "
+        "log (batch mode; rerun to resume). Inputs are never modified.",
     )
-    p.add_argument("case_dir", type=Path, metavar="CASE_DIR")
+    p.add_argument("case_dir", type=Path, metavar="INPUT")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
     _add_case_options(p)
     _add_deid_options(p)
+    _add_batch_options(p)
 
     p = sub.add_parser(
         "inspect",
-        help="show series, ROIs, eyes, landmarks, cut and preserved ROIs; writes nothing",
+        help="show the cases of a tree, or the series, ROIs, eyes, landmarks, cut and "
+        "preserved ROIs of one case; writes nothing",
     )
-    p.add_argument("case_dir", type=Path, metavar="CASE_DIR")
+    p.add_argument("case_dir", type=Path, metavar="INPUT")
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes reading headers [default: CPU count]",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_case_options(p)
+
+    p = sub.add_parser(
+        "validate",
+        help="prove removal, PTV/OAR/dose preservation and DICOM integrity of defaced output",
+        description="Compare ORIGINAL with DEFACED (pairs; a batch OUTPUT_ROOT with its "
+        "manifest expands to all its cases). Writes validation.json and QA images into the QA "
+        "folder (default: DEFACED/../<DEFACED name>_qa; never inside DEFACED). Exit 1 when any "
+        "check fails.",
+    )
+    p.add_argument("pairs", nargs="+", type=Path, metavar="ORIGINAL DEFACED")
+    p.add_argument(
+        "--z",
+        type=float,
+        metavar="MM",
+        help="inferior eye plane z (mm) when DEFACED has no rtdeface_report.json",
+    )
+    p.add_argument("--y", type=float, metavar="MM", help="eyes' A-P midpoint y (mm), as --z")
+    p.add_argument(
+        "--air-hu",
+        type=float,
+        default=-900.0,
+        metavar="HU",
+        help="CT voxels in the cut must be at or below this [default: -900]",
+    )
+    p.add_argument("--qa", type=Path, metavar="DIR", help="QA folder (images, validation.json)")
+    p.add_argument("--no-images", action="store_true", help="write no QA images")
+    p.add_argument("--no-phi", action="store_true", help="skip the PHI scan")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="print and write the dataset tables (summary.json, summary.md)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
@@ -217,8 +312,11 @@ def _configure_logging(args: argparse.Namespace) -> None:
 def _cmd_deface(args: argparse.Namespace) -> int:
     from rtdeface.load import load_case
     from rtdeface.report import case_report, to_json
-    from rtdeface.write import build_outputs, write_atomic
+    from rtdeface.write import build_outputs, check_output_free, write_atomic
 
+    tree = _discover_tree(args)
+    if tree is not None and (tree.ct_series > 1 or args.batch):
+        return _cmd_deface_batch(args, tree)
     options = _options(args)
     deid = _deid_options(args)
     output = Path(args.output).absolute()
@@ -228,6 +326,8 @@ def _cmd_deface(args: argparse.Namespace) -> int:
     audit = (args.audit or output.with_name(output.name + ".audit.json")).absolute()
     if deid is not None and (audit == output or output in audit.parents):
         raise UsageError(f"--audit {audit} lies inside the output; it holds identifiers")
+    if not args.what_if:
+        check_output_free(output)
     t0 = time.perf_counter()
     case = load_case(args.case_dir)
     t_load = time.perf_counter() - t0
@@ -257,7 +357,10 @@ def _cmd_deface(args: argparse.Namespace) -> int:
             f"defaced {args.case_dir} -> {out} in {time.perf_counter() - t0:.2f} s "
             f"(write {time.perf_counter() - t:.2f} s)\n"
             f"  eyes ({lm.source}): {', '.join(e.name for e in lm.eyes)}; "
-            f"cut z >= {lm.z_inferior_mm:.2f} mm, y < {lm.y_mid_mm:.2f} mm\n"
+            f"cut z >= {lm.z_inferior_mm:.2f} mm, y < {lm.y_mid_mm:.2f} mm"
+            + (f" (confidence {lm.confidence:.2f})" if lm.confidence is not None else "")
+            + (f"\n  {lm.cross_check.message}" if lm.cross_check else "")
+            + "\n"
             f"  CT voxels changed: {defaced.ct.voxels_changed}; preserved in region: "
             f"{defaced.ct_preserved_in_region} "
             f"({report['ct']['preserved_ml_in_region']} mL) in "
@@ -292,7 +395,9 @@ def _what_if(case: Case, deid: DeidOptions | None) -> int:
             rows.setdefault((modality, e.action, e.keyword or e.tag), []).append(
                 f"{e.before!r} -> {e.after!r}"
             )
-    print(f"what-if (first CT slice stands for all {len(case.ct.datasets)} slices); nothing written")
+    print(
+        f"what-if (first CT slice stands for all {len(case.ct.datasets)} slices); nothing written"
+    )
     print(f"{'object':<9} {'action':<16} {'attribute':<36} {'n':>5}  example")
     for (modality, action, attr), examples in sorted(rows.items()):
         print(f"{modality:<9} {action:<16} {attr:<36} {len(examples):>5}  {examples[0]}")
@@ -303,6 +408,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from rtdeface.landmarks import is_eye_name
     from rtdeface.load import load_case
 
+    tree = _discover_tree(args)
+    if tree is not None and tree.ct_series > 1:
+        return _inspect_tree(args, tree)
     options = _options(args)
     case = load_case(args.case_dir)
     g = case.ct.grid
@@ -317,7 +425,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             "transfer_syntax": str(case.ct.datasets[0].file_meta.TransferSyntaxUID.name),
         },
         "doses": [
-            {"shape_kij": list(d.grid.shape), "spacing_mm_kij": [round(s, 4) for s in d.grid.spacing_mm]}
+            {
+                "shape_kij": list(d.grid.shape),
+                "spacing_mm_kij": [round(s, 4) for s in d.grid.spacing_mm],
+            }
             for d in case.doses
         ],
         "plans": len(case.plans),
@@ -360,15 +471,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return status
     ct = info["ct"]
     assert isinstance(ct, dict)
-    print(f"CT: {ct['slices']} slices {ct['rows_columns'][0]}x{ct['rows_columns'][1]}, "
-          f"spacing {ct['spacing_mm_kij']} mm, z {ct['z_range_mm']} mm, "
-          f"{ct['patient_position']}, {ct['transfer_syntax']}")
+    print(
+        f"CT: {ct['slices']} slices {ct['rows_columns'][0]}x{ct['rows_columns'][1]}, "
+        f"spacing {ct['spacing_mm_kij']} mm, z {ct['z_range_mm']} mm, "
+        f"{ct['patient_position']}, {ct['transfer_syntax']}"
+    )
     for d in info["doses"]:  # type: ignore[attr-defined]
         print(f"RTDOSE: {d['shape_kij']} spacing {d['spacing_mm_kij']} mm")
     print(f"RTPLAN: {info['plans']}")
     for r in info.get("rois", []):  # type: ignore[attr-defined]
         flags = ("preserved " if r["preserved"] else "") + ("eye-name" if r["eye_name"] else "")
-        print(f"  ROI {r['number']:>3} {r['name']:<28} {r['type']:<10} {r['contours']:>4} contours  {flags}")
+        print(
+            f"  ROI {r['number']:>3} {r['name']:<28} {r['type']:<10} "
+            f"{r['contours']:>4} contours  {flags}"
+        )
     lmi = info["landmarks"]
     assert isinstance(lmi, dict)
     if "error" in lmi:
@@ -376,6 +492,310 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"landmarks ({lmi['source']}: {', '.join(lmi['eyes'])}): {lmi['cut']}")
     return status
+
+
+# ------------------------------------------------------------------------------ batch mode
+
+
+def _discover_tree(args: argparse.Namespace) -> TreeCases | None:
+    """Header-only discovery of INPUT; None when INPUT is not a folder (legacy errors)."""
+    from rtdeface.discover import discover_cases
+
+    if not Path(args.case_dir).is_dir():
+        return None
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    return discover_cases(args.case_dir, args.jobs)
+
+
+def _inspect_tree(args: argparse.Namespace, tree: TreeCases) -> int:
+    """Print the case table of a tree (one row per case) and its problems; write nothing."""
+    root = tree.index.root
+    rows = []
+    for n, c in enumerate(tree.cases, start=1):
+        counts = c.counts()
+        rel = str(c.folder.relative_to(root)) if c.folder != root else "."
+        rows.append({"case": n, "folder": rel, **counts})
+    errors = [p for p in tree.problems if p.is_error]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "cases": rows,
+                    "problems": [
+                        {
+                            "kind": p.kind,
+                            "error": p.is_error,
+                            "detail": p.detail,
+                            "files": len(p.files),
+                        }
+                        for p in tree.problems
+                    ],
+                    "non_dicom_files": len(tree.index.non_dicom),
+                },
+                indent=1,
+            )
+        )
+        return 1 if errors else 0
+    print(
+        f"{len(tree.cases)} case(s) in {root} "
+        f"({len(tree.index.records)} DICOM objects, {len(tree.index.non_dicom)} non-DICOM "
+        "files skipped)"
+    )
+    print(f"{'#':>4}  {'CT':>5} {'RTSTRUCT':>8} {'RTDOSE':>6} {'RTPLAN':>6} {'other':>5}  folder")
+    for r in rows:
+        print(
+            f"{r['case']:>4}  {r['CT']:>5} {r['RTSTRUCT']:>8} {r['RTDOSE']:>6} {r['RTPLAN']:>6} "
+            f"{r['OTHER']:>5}  {r['folder']}"
+        )
+    for p in tree.problems:
+        print(f"{'ERROR' if p.is_error else 'warning'}: {p.detail}")
+    return 1 if errors else 0
+
+
+def _dask_client(args: argparse.Namespace) -> Any:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise UsageError(
+            "--scheduler/--dask-local need Dask: pip install 'rtdeface[dask]'"
+        ) from exc
+    if args.scheduler:
+        return Client(args.scheduler)  # type: ignore[no-untyped-call]
+    if args.dask_local < 1:
+        raise UsageError(f"--dask-local must be >= 1, got {args.dask_local}")
+    cluster = LocalCluster(  # type: ignore[no-untyped-call]
+        n_workers=args.dask_local, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    return Client(cluster)  # type: ignore[no-untyped-call]
+
+
+class _Progress:
+    """tqdm bar on a terminal, plain lines otherwise, nothing with --quiet."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total = total
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+        self.bar: Any = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+            self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, result: CaseResult, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        what = "reused" if result.reused else result.status
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{result.name} {what}", refresh=False)
+            self.bar.update(1)
+            return
+        elapsed = time.monotonic() - self.t0
+        rate = done / elapsed * 60 if elapsed > 0 else 0.0
+        eta = (total - done) / (done / elapsed) if done and elapsed > 0 else 0.0
+        print(
+            f"rtdeface: [{done}/{total}] {result.name} {what}; {rate:.1f} cases/min, "
+            f"ETA {eta:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _BarSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Console log handler that prints above an active tqdm bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _cmd_deface_batch(args: argparse.Namespace, tree: TreeCases) -> int:
+    """Deface every case of a tree into OUT_DIR/<case>/ (parallel, resumable)."""
+    from rtdeface import batch
+
+    if args.what_if:
+        raise UsageError("--what-if describes one case; give one case folder as INPUT")
+    options = _options(args)
+    deid = _deid_options(args)
+    root = tree.index.root
+    output = Path(args.output).absolute()
+    if output == root or root in output.parents or output in root.parents:
+        raise UsageError(f"output {output} and input {root} overlap; choose another folder")
+    audit_main, audit_cases = batch.audit_paths(output, args.audit)
+    for a in (audit_main, audit_cases):
+        if deid is not None and (a == output or output in a.parents):
+            raise UsageError(f"--audit {a} lies inside the output; it holds identifiers")
+    manifest = batch.prepare_output(output)
+    scrubber = batch.scrubber_for(tree)
+    logger = logging.getLogger("rtdeface")
+    console = logger.handlers[0] if logger.handlers else logging.StreamHandler(sys.stderr)
+    console.setLevel(logger.level)
+    bar_safe = _BarSafeHandler(sys.stderr)
+    bar_safe.setFormatter(console.formatter)
+    bar_safe.setLevel(logger.level)
+    file_level = logging.DEBUG if args.verbose else logging.INFO
+    log_path = Path(args.log_file or output / batch.LOG_NAME).absolute()
+    file_handler = logging.FileHandler(log_path, encoding="utf-8")
+    file_handler.setLevel(file_level)
+    file_handler.addFilter(scrubber)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.handlers[:] = [bar_safe, file_handler]
+    logger.setLevel(min(file_level, console.level))
+    progress: _Progress | None = None
+    client: Any = None
+    try:
+        with batch.OutputLock(output):
+            batch.clean_leftovers(output)
+            plan = batch.plan_batch(tree, output, options, deid, manifest, file_level)
+            for note in plan.warnings:
+                log.warning("%s", note)
+            if args.scheduler or args.dask_local:
+                client = _dask_client(args)
+            progress = _Progress(len(plan.tasks), args.quiet)
+            result = batch.run_batch(
+                plan,
+                output,
+                manifest,
+                jobs=args.jobs,
+                client=client,
+                fail_fast=args.fail_fast,
+                audit=args.audit,
+                scrubber=scrubber,
+                progress=progress,
+            )
+    finally:
+        if progress is not None:
+            progress.close()
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and args.dask_local:
+                cluster.close()
+        file_handler.close()
+        logger.handlers[:] = [console]
+    done = [r for r in result.results if r.status == "done"]
+    reused = sum(1 for r in done if r.reused)
+    details = {r.name: r.detail for r in result.results}
+    folders = {t.name: t.case.folder for t in plan.tasks}
+    for r in result.results:
+        if r.status == "failed":
+            rel = folders[r.name].relative_to(root) if folders[r.name] != root else Path(".")
+            print(f"rtdeface: FAILED {r.name} (input {rel}): {details[r.name]}", file=sys.stderr)
+    for d in plan.problem_details:
+        print(f"rtdeface: ERROR {d}", file=sys.stderr)
+    if not args.quiet:
+        print(
+            f"{len(done)} of {len(plan.tasks)} case(s) done ({reused} already done earlier), "
+            f"{sum(1 for r in result.results if r.status == 'failed')} failed, "
+            f"{sum(1 for r in result.results if r.status == 'cancelled')} not run, "
+            f"{len(plan.problem_rows)} other problem(s) -> {output}\n"
+            f"  summary: {output / batch.SUMMARY_CSV}, {output / batch.SUMMARY_JSON}\n"
+            f"  log: {log_path}"
+            + (f"\n  audit (keep private): {audit_main}" if deid is not None else "")
+        )
+    return 1 if result.failed else 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """Validate ORIGINAL/DEFACED pairs; QA folder per case; summary over several cases."""
+    from rtdeface.validate import (
+        CaseValidation,
+        Check,
+        format_case,
+        format_summary,
+        pairs_from_manifest,
+        summarise,
+        validate_pair,
+    )
+
+    paths: list[Path] = [Path(p).absolute() for p in args.pairs]
+    if len(paths) % 2:
+        raise UsageError(
+            f"validate takes ORIGINAL DEFACED pairs, got {len(paths)} path(s); give the original "
+            "case (or input root) followed by its defaced output (or output root)"
+        )
+    pairs: list[tuple[Path, Path]] = []
+    batch = False
+    for original, defaced in zip(paths[0::2], paths[1::2]):
+        expanded = pairs_from_manifest(original, defaced)
+        if expanded is None:
+            pairs.append((original, defaced))
+        else:
+            pairs.extend(expanded)
+            batch = True
+    if not pairs:
+        raise UsageError("no case to validate (the batch manifest lists no finished case)")
+    multi = batch or len(pairs) > 1
+    first_out = paths[1]
+    qa_root = (args.qa or first_out.with_name(first_out.name + "_qa")).absolute()
+    for _, defaced in pairs:
+        if qa_root == defaced or defaced in qa_root.parents:
+            raise UsageError(f"--qa {qa_root} lies inside the defaced output {defaced}")
+    results: list[CaseValidation] = []
+    images: list[Path] = []
+    for n, (original, defaced) in enumerate(pairs):
+        qa_dir = qa_root / f"{n + 1:04d}_{defaced.name}" if multi else qa_root
+        try:
+            v, (orig, dfc, region) = validate_pair(
+                original,
+                defaced,
+                z_mm=args.z,
+                y_mm=args.y,
+                air_hu=args.air_hu,
+                phi=not args.no_phi,
+            )
+        except UsageError:
+            if not multi:
+                raise
+            v = CaseValidation(
+                defaced.name,
+                str(original),
+                str(defaced),
+                None,
+                (Check("cut", "FAIL", "no cut", ("no rtdeface_report.json and no --z/--y",)),),
+            )
+            orig = dfc = region = None
+        if not args.no_images and orig is not None and dfc is not None and region is not None:
+            from rtdeface.qa import case_images, eye_x_from_report
+
+            pngs = case_images(orig, dfc, region, qa_dir, defaced.name, eye_x_from_report(defaced))
+            v.qa_images.extend(str(p) for p in pngs)
+            images.extend(pngs)
+        qa_dir.mkdir(parents=True, exist_ok=True)
+        (qa_dir / "validation.json").write_text(
+            json.dumps(v.to_dict(), indent=1, default=float) + "\n", encoding="utf-8"
+        )
+        results.append(v)
+        if not args.quiet and not args.json:
+            print(format_case(v))
+            print(f"  validation: {qa_dir / 'validation.json'}")
+            print()
+    dicts = [v.to_dict() for v in results]
+    summary = None
+    if multi or args.summary:
+        summary = summarise(dicts)
+        qa_root.mkdir(parents=True, exist_ok=True)
+        (qa_root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", "utf-8")
+        (qa_root / "summary.md").write_text(format_summary(summary), "utf-8")
+        if images:
+            from rtdeface.qa import write_pdf
+
+            write_pdf(images, qa_root / "qa.pdf")
+        if not args.quiet and not args.json:
+            print(format_summary(summary))
+            print(f"summary: {qa_root / 'summary.md'}")
+    if args.json:
+        print(json.dumps({"cases": dicts, "summary": summary}, indent=1, default=float))
+    return 0 if all(v.ok for v in results) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -393,10 +813,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "deface":
             return _cmd_deface(args)
+        if args.command == "validate":
+            return _cmd_validate(args)
         return _cmd_inspect(args)
     except UsageError as exc:
         print(f"rtdeface: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("rtdeface: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except RtDefaceError as exc:
         print(f"rtdeface: error: {exc}", file=sys.stderr)
         return 1

@@ -8,12 +8,18 @@ that says what was found; nothing is guessed silently.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.context
 import os
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -56,6 +62,9 @@ class FileRecord:
     referenced_sop_uids : tuple of str
         Structure sets / plans this object references (ReferencedStructureSetSequence,
         ReferencedRTPlanSequence).
+    patient_id, patient_name : str
+        PatientID and PatientName (identifiers: used for pseudonyms and to scrub messages,
+        never written to shareable outputs).
     """
 
     path: Path
@@ -68,6 +77,8 @@ class FileRecord:
     frame_of_reference_uid: str
     referenced_series_uids: tuple[str, ...] = ()
     referenced_sop_uids: tuple[str, ...] = ()
+    patient_id: str = ""
+    patient_name: str = ""
 
 
 def _str(ds: Dataset, keyword: str) -> str:
@@ -104,6 +115,8 @@ def classify(ds: Dataset, path: Path) -> FileRecord:
         frame_of_reference_uid=for_uid,
         referenced_series_uids=tuple(u for u in ref_series if u),
         referenced_sop_uids=tuple(u for u in ref_sops if u),
+        patient_id=_str(ds, "PatientID"),
+        patient_name=_str(ds, "PatientName"),
     )
 
 
@@ -128,20 +141,56 @@ def read_dicom(path: Path, *, header_only: bool) -> Dataset | None:
     InputError
         The file claims to be DICOM (preamble ``DICM``) but cannot be parsed.
     """
+    remedy = "re-export it or remove it from the input"
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=header_only)
     except InvalidDicomError:
         return None
     except Exception as exc:  # pydicom raises many types on truncated/corrupt input
+        detail = " ".join(str(exc).split())  # one line, whatever pydicom says
         raise InputError(
-            f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc}); "
-            "re-export it or remove it from the input"
+            f"{path}: unreadable DICOM file ({type(exc).__name__}: {detail}); {remedy}"
         ) from exc
+    truncated = _truncated_element(ds)
+    if truncated:
+        raise InputError(f"{path}: unreadable DICOM file (truncated: {truncated}); {remedy}")
     if "DirectoryRecordSequence" in ds:  # DICOMDIR: an index, not an object
         return None
     if not _str(ds, "SOPClassUID") and not _str(ds, "SOPInstanceUID"):
+        meta = ds.__dict__.get("file_meta")
+        if meta is None or "TransferSyntaxUID" not in meta:
+            # pydicom parses anything after a DICM prefix; without file meta it is garbage
+            raise InputError(
+                f"{path}: unreadable DICOM file (DICM prefix but no file meta information "
+                f"and no SOP instance); {remedy}"
+            )
         return None
     return ds
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+"""Value length of DICOM elements with undefined length (delimited sequences, encapsulated)."""
+
+
+def _truncated_element(ds: Dataset) -> str:
+    """Describe the first top-level element whose value is shorter than its declared length.
+
+    pydicom does not complain when a file ends inside an element of defined length (it keeps
+    the short value), so a truncated file would otherwise fail much later, e.g. when its pixel
+    data are decoded. Returns "" when every unparsed element is complete.
+    """
+    for tag in ds.keys():
+        elem = ds.get_item(tag)
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.length != UNDEFINED_LENGTH
+            and elem.value is not None
+            and len(elem.value) < elem.length
+        ):
+            return (
+                f"element {elem.tag} declares {elem.length} bytes, the file holds {len(elem.value)}"
+            )
+    return ""
 
 
 def index_directory(root: Path) -> list[FileRecord]:
@@ -210,7 +259,9 @@ def assemble_single_case(records: Sequence[FileRecord], where: Path) -> CaseFile
     referencing = [s for s in structs if series_uid in s.referenced_series_uids]
     if not referencing:
         referencing = [
-            s for s in structs if not s.referenced_series_uids and s.frame_of_reference_uid == for_uid
+            s
+            for s in structs
+            if not s.referenced_series_uids and s.frame_of_reference_uid == for_uid
         ]
     if len(referencing) > 1:
         names = ", ".join(str(s.path.name) for s in referencing)
@@ -220,7 +271,9 @@ def assemble_single_case(records: Sequence[FileRecord], where: Path) -> CaseFile
         )
     rtstruct = referencing[0] if referencing else None
     if rtstruct is None and structs:
-        names = ", ".join(f"{s.path.name} (series {list(s.referenced_series_uids)})" for s in structs)
+        names = ", ".join(
+            f"{s.path.name} (series {list(s.referenced_series_uids)})" for s in structs
+        )
         raise InputError(
             f"{where}: no structure set references CT series {series_uid} (found {names}); "
             "export the RTSTRUCT drawn on this CT"
@@ -237,3 +290,445 @@ def describe(records: Iterable[FileRecord]) -> dict[str, int]:
     for r in records:
         counts[r.role] = counts.get(r.role, 0) + 1
     return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Trees of many cases (batch mode)
+# --------------------------------------------------------------------------------------------
+
+PARALLEL_INDEX_MIN_FILES = 256
+"""Below this many files the header index is read in this process (a pool would cost more)."""
+
+
+def pool_context() -> multiprocessing.context.BaseContext:
+    """Multiprocessing start method of rtdeface's process pools.
+
+    ``fork`` on Linux (workers start in milliseconds and inherit the imported modules; pools
+    are created before any helper thread starts), ``spawn`` elsewhere.
+    """
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+@dataclass(frozen=True)
+class TreeIndex:
+    """Header-only index of every file below an input root.
+
+    Attributes
+    ----------
+    root : Path
+        The input root (absolute).
+    records : tuple of FileRecord
+        One per readable DICOM object, in path order.
+    unreadable : tuple of (Path, str)
+        Files that claim to be DICOM but cannot be parsed, with the reason.
+    non_dicom : tuple of Path
+        Files that are not DICOM objects (text files, DICOMDIR, ...); skipped.
+    """
+
+    root: Path
+    records: tuple[FileRecord, ...]
+    unreadable: tuple[tuple[Path, str], ...]
+    non_dicom: tuple[Path, ...]
+
+
+def _index_one(path: Path) -> FileRecord | str | None:
+    """A record, a reason (file claims to be DICOM but is unusable), or None (not DICOM)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_dicom(path, header_only=True)
+            if ds is not None:
+                return classify(ds, path)
+            with open(path, "rb") as fh:
+                if fh.read(132)[128:] != b"DICM":
+                    return None
+            meta = pydicom.dcmread(path, stop_before_pixels=True)
+        except InputError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"{path}: cannot read ({exc.strerror}); check permissions"
+        except Exception as exc:
+            return f"{path}: unreadable DICOM file ({type(exc).__name__}); re-export or remove it"
+    if "DirectoryRecordSequence" in meta:
+        return None  # DICOMDIR: an index of the files, not an object
+    return (
+        f"{path}: DICOM file without SOPClassUID and SOPInstanceUID (corrupt?); "
+        "re-export it or remove it from the input"
+    )
+
+
+def _index_chunk(paths: Sequence[Path]) -> list[FileRecord | str | None]:
+    return [_index_one(p) for p in paths]
+
+
+def index_tree(root: Path, jobs: int | None = None) -> TreeIndex:
+    """Read the header (``stop_before_pixels``) of every file below ``root``, in parallel.
+
+    Parameters
+    ----------
+    root : Path
+        Input folder (any layout) or a single file.
+    jobs : int, optional
+        Worker processes [default: the CPU count]; small trees are read in this process.
+
+    Raises
+    ------
+    InputError
+        ``root`` does not exist.
+    """
+    root = Path(root).absolute()
+    paths = iter_files(root)
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    results: list[FileRecord | str | None]
+    if jobs > 1 and len(paths) >= PARALLEL_INDEX_MIN_FILES:
+        size = max(16, len(paths) // (jobs * 8))
+        chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=pool_context()) as ex:
+            results = [r for part in ex.map(_index_chunk, chunks) for r in part]
+    else:
+        results = [_index_one(p) for p in paths]
+    records: list[FileRecord] = []
+    unreadable: list[tuple[Path, str]] = []
+    non_dicom: list[Path] = []
+    for path, res in zip(paths, results):
+        if isinstance(res, FileRecord):
+            records.append(res)
+        elif isinstance(res, str):
+            unreadable.append((path, res))
+        else:
+            non_dicom.append(path)
+    log.info(
+        "indexed %d files: %d DICOM objects, %d unreadable, %d not DICOM",
+        len(paths),
+        len(records),
+        len(unreadable),
+        len(non_dicom),
+    )
+    return TreeIndex(root, tuple(records), tuple(unreadable), tuple(non_dicom))
+
+
+@dataclass(frozen=True)
+class FoundCase:
+    """One case assembled from a tree: a CT series and the objects that reference it.
+
+    Attributes
+    ----------
+    files : CaseFiles
+    folder : Path
+        Deepest folder holding every file of the case.
+    patient_id, patient_name : str
+        From the CT header (identifiers; never written to shareable outputs).
+    """
+
+    files: CaseFiles
+    folder: Path
+    patient_id: str
+    patient_name: str
+
+    @property
+    def identity(self) -> str:
+        """CT SeriesInstanceUID and RTSTRUCT SOPInstanceUID: what makes the case this case."""
+        struct = self.files.rtstruct.sop_instance_uid if self.files.rtstruct else ""
+        return f"{self.files.ct[0].series_instance_uid}/{struct}"
+
+    def paths(self) -> tuple[Path, ...]:
+        """Every file written from (CT, RTSTRUCT, RTDOSE, RTPLAN), in role order."""
+        f = self.files
+        rs = (f.rtstruct,) if f.rtstruct else ()
+        return tuple(r.path for r in (*f.ct, *rs, *f.doses, *f.plans))
+
+    def counts(self) -> dict[str, int]:
+        """Number of files per role (CT, RTSTRUCT, RTDOSE, RTPLAN, OTHER)."""
+        f = self.files
+        return {
+            "CT": len(f.ct),
+            "RTSTRUCT": 1 if f.rtstruct else 0,
+            "RTDOSE": len(f.doses),
+            "RTPLAN": len(f.plans),
+            "OTHER": len(f.ignored),
+        }
+
+
+@dataclass(frozen=True)
+class TreeProblem:
+    """Something in the tree that is not (or not entirely) a case.
+
+    Attributes
+    ----------
+    kind : str
+        ``unreadable``, ``orphan``, ``ambiguous``, ``duplicate`` or ``unhandled``.
+    is_error : bool
+        Data that should have been defaced was not (the batch exits 1); otherwise a warning.
+    summary : str
+        One line without identifiers (no paths, UIDs or names): safe for shareable outputs.
+    detail : str
+        One line for the operator, with paths relative to the input root.
+    files : tuple of Path
+        The files concerned.
+    patient_id : str
+        PatientID of the files when known (for the pseudonym; never written as such).
+    """
+
+    kind: str
+    is_error: bool
+    summary: str
+    detail: str
+    files: tuple[Path, ...]
+    patient_id: str = ""
+
+
+@dataclass(frozen=True)
+class TreeCases:
+    """Cases and problems found below an input root.
+
+    Attributes
+    ----------
+    index : TreeIndex
+    cases : tuple of FoundCase
+        Sorted by folder, then by CT series.
+    problems : tuple of TreeProblem
+    ct_series : int
+        Number of CT series found (cases plus ambiguous ones).
+    """
+
+    index: TreeIndex
+    cases: tuple[FoundCase, ...]
+    problems: tuple[TreeProblem, ...]
+    ct_series: int
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return str(path)
+    return str(rel) if str(rel) != "." else path.name
+
+
+def _list(paths: Sequence[Path], root: Path, limit: int = 4) -> str:
+    shown = ", ".join(_rel(p, root) for p in paths[:limit])
+    return shown + (f", ... ({len(paths)} files)" if len(paths) > limit else "")
+
+
+def _counts_text(records: Iterable[FileRecord]) -> str:
+    counts: dict[str, int] = {}
+    for r in records:
+        label = r.role if r.role != "OTHER" else (r.modality or "unknown")
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+def _common_folder(paths: Sequence[Path]) -> Path:
+    return Path(os.path.commonpath([str(p.parent) for p in paths]))
+
+
+def assemble_cases(index: TreeIndex) -> TreeCases:
+    """Assemble cases from a tree index by references, reporting what does not fit.
+
+    A case is one CT series, the structure set that references it (by
+    RTReferencedSeriesSequence; by frame of reference only when the structure set names no
+    series and one CT series has that frame), the plans that reference that structure set and
+    the doses that reference those plans or that structure set. Plans and doses without a
+    resolvable reference join the case whose CT shares their frame of reference, when exactly
+    one does. Nothing else is guessed:
+
+    * two or more structure sets on one CT series: the case is *ambiguous* and not processed;
+    * an RTSTRUCT, RTPLAN or RTDOSE that belongs to no case is an *orphan*;
+    * a plan or dose that matches several cases by frame of reference is *ambiguous*;
+    * a file that claims to be DICOM but cannot be parsed is *unreadable*;
+    * a second file with the same SOPInstanceUID is a *duplicate* (the first copy is used);
+    * objects rtdeface does not handle (MR, REG, ...) are *unhandled* (warning).
+    """
+    root = index.root
+    problems: list[TreeProblem] = [
+        TreeProblem(
+            "unreadable",
+            True,
+            "unreadable DICOM file (1 file): cannot be parsed",
+            reason.replace(str(path), _rel(path, root)),
+            (path,),
+        )
+        for path, reason in index.unreadable
+    ]
+    seen: dict[str, FileRecord] = {}
+    records: list[FileRecord] = []
+    duplicates: list[FileRecord] = []
+    for r in index.records:
+        if r.sop_instance_uid and r.sop_instance_uid in seen:
+            duplicates.append(r)
+            continue
+        if r.sop_instance_uid:
+            seen[r.sop_instance_uid] = r
+        records.append(r)
+    if duplicates:
+        problems.append(
+            TreeProblem(
+                "duplicate",
+                False,
+                f"{len(duplicates)} duplicate object(s) ({_counts_text(duplicates)}) with the "
+                "SOPInstanceUID of another file; the first copy is used",
+                f"{len(duplicates)} duplicate object(s) ignored: "
+                f"{_list([r.path for r in duplicates], root)}",
+                tuple(r.path for r in duplicates),
+            )
+        )
+    ct_series: dict[str, list[FileRecord]] = {}
+    for r in records:
+        if r.role == "CT":
+            ct_series.setdefault(r.series_instance_uid, []).append(r)
+    by_for: dict[str, list[str]] = {}
+    for uid, slices in ct_series.items():
+        by_for.setdefault(slices[0].frame_of_reference_uid, []).append(uid)
+
+    def orphan(r: FileRecord, why: str) -> None:
+        problems.append(
+            TreeProblem(
+                "orphan",
+                True,
+                f"orphan {r.role} (1 file): {why}",
+                f"orphan {r.role} {_rel(r.path, root)}: {why}",
+                (r.path,),
+                r.patient_id,
+            )
+        )
+
+    # structure sets -> CT series
+    structs_of: dict[str, list[FileRecord]] = {uid: [] for uid in ct_series}
+    for s in (r for r in records if r.role == "RTSTRUCT"):
+        refs = sorted({u for u in s.referenced_series_uids if u in ct_series})
+        if len(refs) == 1:
+            structs_of[refs[0]].append(s)
+        elif len(refs) > 1:
+            orphan(s, f"it references {len(refs)} CT series; rtdeface needs one")
+        elif s.referenced_series_uids:
+            orphan(s, "the CT series it references is not in the input")
+        else:
+            candidates = by_for.get(s.frame_of_reference_uid, [])
+            if len(candidates) == 1:
+                structs_of[candidates[0]].append(s)
+            else:
+                orphan(
+                    s,
+                    f"it names no CT series and {len(candidates)} CT series share its frame "
+                    "of reference",
+                )
+    # CT series -> cases (or ambiguous groups)
+    case_of_series: dict[str, int] = {}
+    groups: list[dict[str, list[FileRecord]]] = []
+    ambiguous: set[int] = set()
+    for uid in sorted(ct_series, key=lambda u: (str(ct_series[u][0].path), u)):
+        structs = structs_of[uid]
+        case_of_series[uid] = len(groups)
+        if len(structs) > 1:
+            ambiguous.add(len(groups))
+        groups.append(
+            {"CT": ct_series[uid], "RTSTRUCT": structs, "RTPLAN": [], "RTDOSE": [], "OTHER": []}
+        )
+    case_of_struct = {
+        s.sop_instance_uid: case_of_series[uid] for uid, ss in structs_of.items() for s in ss
+    }
+
+    def by_frame(r: FileRecord) -> int | None:
+        candidates = by_for.get(r.frame_of_reference_uid, []) if r.frame_of_reference_uid else []
+        if len(candidates) == 1:
+            return case_of_series[candidates[0]]
+        if len(candidates) > 1:
+            problems.append(
+                TreeProblem(
+                    "ambiguous",
+                    True,
+                    f"ambiguous {r.role} (1 file): it references no structure set or plan of "
+                    f"the input and {len(candidates)} CT series share its frame of reference",
+                    f"ambiguous {r.role} {_rel(r.path, root)}: {len(candidates)} CT series share "
+                    "its frame of reference and it references none of their objects; move it "
+                    "beside the right CT in a folder of its own",
+                    (r.path,),
+                    r.patient_id,
+                )
+            )
+            return -1
+        return None
+
+    case_of_plan: dict[str, int] = {}
+    for p in (r for r in records if r.role == "RTPLAN"):
+        target = next(
+            (case_of_struct[u] for u in p.referenced_sop_uids if u in case_of_struct), None
+        )
+        if target is None:
+            target = by_frame(p)
+        if target is None:
+            orphan(p, "its structure set and CT are not in the input")
+        elif target >= 0:
+            groups[target]["RTPLAN"].append(p)
+            case_of_plan[p.sop_instance_uid] = target
+    for d in (r for r in records if r.role == "RTDOSE"):
+        target = next((case_of_plan[u] for u in d.referenced_sop_uids if u in case_of_plan), None)
+        if target is None:
+            target = next(
+                (case_of_struct[u] for u in d.referenced_sop_uids if u in case_of_struct), None
+            )
+        if target is None:
+            target = by_frame(d)
+        if target is None:
+            orphan(d, "its plan, structure set and CT are not in the input")
+        elif target >= 0:
+            groups[target]["RTDOSE"].append(d)
+    unhandled: list[FileRecord] = []
+    for o in (r for r in records if r.role == "OTHER"):
+        candidates = by_for.get(o.frame_of_reference_uid, []) if o.frame_of_reference_uid else []
+        if len(candidates) == 1:
+            groups[case_of_series[candidates[0]]]["OTHER"].append(o)
+        else:
+            unhandled.append(o)
+    if unhandled:
+        problems.append(
+            TreeProblem(
+                "unhandled",
+                False,
+                f"{len(unhandled)} object(s) of types rtdeface does not handle "
+                f"({_counts_text(unhandled)}); not written",
+                f"{len(unhandled)} unhandled object(s) ({_counts_text(unhandled)}) not written: "
+                f"{_list([r.path for r in unhandled], root)}",
+                tuple(r.path for r in unhandled),
+            )
+        )
+    cases: list[FoundCase] = []
+    for n, g in enumerate(groups):
+        ct = g["CT"]
+        every = [*ct, *g["RTSTRUCT"], *g["RTPLAN"], *g["RTDOSE"]]
+        if n in ambiguous:
+            problems.append(
+                TreeProblem(
+                    "ambiguous",
+                    True,
+                    f"ambiguous case ({_counts_text(every)}): {len(g['RTSTRUCT'])} structure "
+                    "sets reference one CT series; keep one structure set per CT",
+                    f"ambiguous case in {_rel(_common_folder([r.path for r in every]), root)}: "
+                    f"{len(g['RTSTRUCT'])} structure sets reference one CT series of "
+                    f"{len(ct)} slices ({_list([s.path for s in g['RTSTRUCT']], root)}); "
+                    "keep one structure set per CT (move the others out of the input)",
+                    tuple(r.path for r in every),
+                    ct[0].patient_id,
+                )
+            )
+            continue
+        files = CaseFiles(
+            ct=tuple(ct),
+            rtstruct=g["RTSTRUCT"][0] if g["RTSTRUCT"] else None,
+            doses=tuple(g["RTDOSE"]),
+            plans=tuple(g["RTPLAN"]),
+            ignored=tuple(g["OTHER"]),
+        )
+        folder = _common_folder([r.path for r in every])
+        cases.append(FoundCase(files, folder, ct[0].patient_id, ct[0].patient_name))
+    cases.sort(key=lambda c: (str(c.folder), c.identity))
+    for c in cases:
+        log.debug("case in %s: %s", c.folder, c.counts())
+    return TreeCases(index, tuple(cases), tuple(problems), len(ct_series))
+
+
+def discover_cases(root: Path, jobs: int | None = None) -> TreeCases:
+    """Index ``root`` (header-only, in parallel) and assemble its cases by references."""
+    return assemble_cases(index_tree(root, jobs))

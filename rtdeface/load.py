@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +117,29 @@ class CtSeries:
     frame_of_reference_uid: str
 
     def stored_slice(self, k: int) -> npt.NDArray[np.integer]:
-        """Stored pixel values of slice k, shape (ni, nj), dtype from PixelRepresentation."""
-        arr = self.datasets[k].pixel_array
-        return np.asarray(arr)
+        """Stored pixel values of slice k, shape (ni, nj), dtype from PixelRepresentation.
+
+        Uncompressed little-endian data whose values need no sign extension are viewed
+        straight from the PixelData bytes (read-only); everything else goes through pydicom.
+        """
+        ds = self.datasets[k]
+        bits = int(ds.get("BitsAllocated", 0))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        if (
+            not ds.file_meta.TransferSyntaxUID.is_compressed
+            and ds.file_meta.TransferSyntaxUID.is_little_endian
+            and bits in (8, 16, 32)
+            and int(ds.get("SamplesPerPixel", 1)) == 1
+            and (not signed or int(ds.get("BitsStored", bits)) == bits)
+            and "PixelData" in ds
+        ):
+            dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+            shape = (int(ds.Rows), int(ds.Columns))
+            buf = ds.PixelData
+            n = shape[0] * shape[1] * dtype.itemsize
+            if len(buf) >= n:
+                return np.frombuffer(buf, dtype=dtype, count=shape[0] * shape[1]).reshape(shape)
+        return np.asarray(ds.pixel_array)
 
     def rescale(self, k: int) -> tuple[float, float]:
         """(RescaleSlope, RescaleIntercept) of slice k (defaults 1, 0)."""
@@ -128,9 +149,7 @@ class CtSeries:
     def hu_slice(self, k: int) -> npt.NDArray[np.float32]:
         """Slice k in Hounsfield units, float32, shape (ni, nj)."""
         slope, intercept = self.rescale(k)
-        return (self.stored_slice(k).astype(np.float32) * np.float32(slope)) + np.float32(
-            intercept
-        )
+        return (self.stored_slice(k).astype(np.float32) * np.float32(slope)) + np.float32(intercept)
 
     def hu_volume(self) -> npt.NDArray[np.float32]:
         """The whole series in Hounsfield units, float32, shape (nk, ni, nj)."""
@@ -296,7 +315,9 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
                 "resample it to an untilted axial series first"
             )
     normal = slice_normal(iop0)
-    ipp = np.stack([_floats(ds, "ImagePositionPatient", 3, f"{p}") for ds, p in zip(datasets, paths)])
+    ipp = np.stack(
+        [_floats(ds, "ImagePositionPatient", 3, f"{p}") for ds, p in zip(datasets, paths)]
+    )
     along = ipp @ normal
     order = np.argsort(along, kind="stable")
     along_sorted = along[order]
@@ -309,8 +330,11 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
             f"{what}: slice origins shift {worst:.2f} mm in-plane along the series (gantry tilt "
             "or sheared stack); unsupported, resample to an untilted axial series first"
         )
-    affine = affine_from_attributes(ipp_sorted[0], iop0, ps0, step)
-    grid = Grid(affine, (len(datasets), rows, cols))
+    try:  # the affine builder and Grid check orientation; their messages lack the series
+        affine = affine_from_attributes(ipp_sorted[0], iop0, ps0, step)
+        grid = Grid(affine, (len(datasets), rows, cols))
+    except GeometryError as exc:
+        raise GeometryError(f"{what}: {exc}") from exc
     for_uids = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
     if len(for_uids) != 1 or "" in for_uids:
         raise DicomReferenceError(
@@ -361,6 +385,8 @@ def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
     GeometryError
         A planar contour whose points do not share one z (non-axial contour planes).
     """
+    pristine = ds
+    ds = copy_dataset(ds)  # parse a copy: the returned dataset keeps its raw, unparsed elements
     types: dict[int, str] = {}
     for obs in ds.get("RTROIObservationsSequence", []) or []:
         if "ReferencedROINumber" in obs:
@@ -374,16 +400,22 @@ def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
             try:
                 pts = contour_data_array(item)
             except (TypeError, ValueError) as exc:
-                raise InputError(f"{path}: ROI {number} contour {idx}: bad ContourData") from exc
+                raise InputError(
+                    f"{path}: ROI {number} contour {idx}: ContourData is not numeric; the "
+                    "structure set is corrupt, re-export it"
+                ) from exc
             if pts.size == 0:
                 continue
             if pts.size % 3:
                 raise InputError(
                     f"{path}: ROI {number} contour {idx}: ContourData has {pts.size} values, "
-                    "not a multiple of 3; the structure set is corrupt"
+                    "not a multiple of 3; the structure set is corrupt, re-export it"
                 )
             pts = pts.reshape(-1, 3)
-            if gtype in ("CLOSED_PLANAR", "OPEN_PLANAR") and np.ptp(pts[:, 2]) > PLANE_MATCH_ATOL_MM:
+            if (
+                gtype in ("CLOSED_PLANAR", "OPEN_PLANAR")
+                and np.ptp(pts[:, 2]) > PLANE_MATCH_ATOL_MM
+            ):
                 raise GeometryError(
                     f"{path}: ROI {number} contour {idx} is not on an axial plane (z spans "
                     f"{np.ptp(pts[:, 2]):.2f} mm); only axial contours are supported"
@@ -395,7 +427,9 @@ def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
     for ssr in ds.get("StructureSetROISequence", []) or []:
         number = int(ssr.ROINumber)
         if number in seen:
-            raise InputError(f"{path}: ROINumber {number} appears twice; the structure set is corrupt")
+            raise InputError(
+                f"{path}: ROINumber {number} appears twice; the structure set is corrupt"
+            )
         seen.add(number)
         rois.append(
             Roi(
@@ -405,7 +439,7 @@ def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
                 contours=tuple(contours_by_roi.get(number, [])),
             )
         )
-    return StructureSet(dataset=ds, path=path, rois=tuple(rois))
+    return StructureSet(dataset=pristine, path=path, rois=tuple(rois))
 
 
 def load_dose(ds: Dataset, path: Path) -> DoseGrid:
@@ -444,12 +478,18 @@ def load_dose(ds: Dataset, path: Path) -> DoseGrid:
         if not np.isclose(offsets[0], ipp[2], atol=PLANE_MATCH_ATOL_MM):
             raise GeometryError(
                 f"{path}: GridFrameOffsetVector starts at {offsets[0]} but "
-                f"ImagePositionPatient z is {ipp[2]}; the dose geometry is inconsistent"
+                f"ImagePositionPatient z is {ipp[2]}; the dose geometry is inconsistent, "
+                "re-export it"
             )
         offsets = offsets - offsets[0]
-    step = check_regular_positions(offsets, f"RTDOSE {path}", "re-export the dose on a regular grid")
-    affine = affine_from_attributes(ipp, iop, ps, step)
-    grid = Grid(affine, (frames, int(ds.Rows), int(ds.Columns)))
+    step = check_regular_positions(
+        offsets, f"RTDOSE {path}", "re-export the dose on a regular grid"
+    )
+    try:  # name the file in the geometry checks' messages
+        affine = affine_from_attributes(ipp, iop, ps, step)
+        grid = Grid(affine, (frames, int(ds.Rows), int(ds.Columns)))
+    except GeometryError as exc:
+        raise GeometryError(f"{path}: {exc}") from exc
     _ = normal
     return DoseGrid(grid=grid, dataset=ds, path=path)
 
@@ -480,7 +520,46 @@ def load_case(source: Path) -> Case:
             continue
         datasets[path] = ds
         records.append(classify(ds, path))
-    files: CaseFiles = assemble_single_case(records, source)
+    return load_case_files(assemble_single_case(records, source), source, datasets)
+
+
+def load_case_files(
+    files: CaseFiles,
+    source: Path | None = None,
+    datasets: Mapping[Path, Dataset] | None = None,
+) -> Case:
+    """Load one case from a known file list (e.g. one case of a tree, see
+    :func:`rtdeface.discover.assemble_cases`).
+
+    Parameters
+    ----------
+    files : CaseFiles
+        The files of the case by role.
+    source : Path, optional
+        The case folder, for messages and :attr:`Case.source` [default: the deepest folder
+        holding every file].
+    datasets : mapping of Path to Dataset, optional
+        Full reads of the files already in memory; files missing from it are read here.
+
+    Raises
+    ------
+    InputError, GeometryError, DicomReferenceError
+        With a one-line message naming the file or series and the remedy.
+    """
+    if not files.ct:
+        raise InputError(f"{source}: no CT image series in the case; nothing to deface")
+    rs = (files.rtstruct,) if files.rtstruct is not None else ()
+    wanted = [r.path for r in (*files.ct, *rs, *files.doses, *files.plans)]
+    if source is None:
+        source = Path(os.path.commonpath([str(p.parent) for p in wanted]))
+    loaded: dict[Path, Dataset] = dict(datasets or {})
+    for path in wanted:
+        if path not in loaded:
+            ds = read_dicom(path, header_only=False)
+            if ds is None:
+                raise InputError(f"{path}: no longer a DICOM object; rerun discovery")
+            loaded[path] = ds
+    datasets = loaded
     ct = load_ct([datasets[r.path] for r in files.ct], [r.path for r in files.ct])
     structure_set = None
     if files.rtstruct is not None:
@@ -510,8 +589,12 @@ def load_case(source: Path) -> Case:
             )
         plans.append((r.path, datasets[r.path]))
     for r in files.ignored:
-        log.warning("%s: %s object (SOP class %s) is not handled and will not be written",
-                    r.path, r.modality or "unknown", r.sop_class_uid)
+        log.warning(
+            "%s: %s object (SOP class %s) is not handled and will not be written",
+            r.path,
+            r.modality or "unknown",
+            r.sop_class_uid,
+        )
     return Case(
         source=source,
         ct=ct,

@@ -165,6 +165,23 @@ def build_outputs(
     return outputs, record
 
 
+def check_output_free(out_dir: Path) -> Path:
+    """Refuse an output that exists and is not an empty folder (checked before any work).
+
+    Raises
+    ------
+    OutputError
+        ``out_dir`` exists and is not an empty directory.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise OutputError(
+            f"{out_dir}: output exists and is not empty; choose a new output folder "
+            "(rtdeface never overwrites)"
+        )
+    return out_dir
+
+
 def write_atomic(
     outputs: Sequence[OutputObject], out_dir: Path, extra_files: Mapping[str, bytes] = {}
 ) -> Path:
@@ -175,12 +192,7 @@ def write_atomic(
     OutputError
         ``out_dir`` exists and is not an empty directory, or it lies inside an input.
     """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise OutputError(
-            f"{out_dir}: output exists and is not empty; choose a new output folder "
-            "(rtdeface never overwrites)"
-        )
+    out_dir = check_output_free(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".rtdeface-partial-", dir=out_dir.parent))
     try:
