@@ -139,7 +139,7 @@ class CtSeries:
             n = shape[0] * shape[1] * dtype.itemsize
             if len(buf) >= n:
                 return np.frombuffer(buf, dtype=dtype, count=shape[0] * shape[1]).reshape(shape)
-        return np.asarray(ds.pixel_array)
+        return decode_pixels(ds, self.paths[k])
 
     def rescale(self, k: int) -> tuple[float, float]:
         """(RescaleSlope, RescaleIntercept) of slice k (defaults 1, 0)."""
@@ -251,8 +251,7 @@ class DoseGrid:
 
     def stored(self) -> npt.NDArray[np.integer]:
         """Stored dose values, shape (nk, ni, nj), dtype as the header declares."""
-        arr = np.asarray(self.dataset.pixel_array)
-        return arr.reshape(self.grid.shape)
+        return decode_pixels(self.dataset, self.path).reshape(self.grid.shape)
 
     @property
     def scaling(self) -> float:
@@ -284,6 +283,62 @@ class Case:
     ignored: tuple[Path, ...] = ()
 
 
+def decode_pixels(ds: Dataset, path: Path) -> npt.NDArray[np.integer]:
+    """``ds.pixel_array`` with decoding failures turned into an :class:`InputError`.
+
+    Raises
+    ------
+    InputError
+        No decoder for the transfer syntax is installed, or the pixel data are corrupt.
+    """
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # pydicom raises several types for missing plugins / bad data
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", str(ts))
+        detail = " ".join(str(exc).split())[:200]
+        raise InputError(
+            f"{path}: cannot decode pixel data ({name}: {detail}); for JPEG/JPEG-LS/JPEG 2000 "
+            'install the decoders (pip install "rtdeface[jpeg]"), else re-export uncompressed'
+        ) from exc
+
+
+def check_pixel_module(ds: Dataset, path: Path, frames: int = 1) -> tuple[int, int]:
+    """Check the attributes rtdeface reads and writes pixels with; return (rows, columns).
+
+    Raises
+    ------
+    InputError
+        Missing Rows/Columns/BitsAllocated/PixelData, a big-endian transfer syntax (retired),
+        or uncompressed pixel data shorter than Rows x Columns x frames x BitsAllocated.
+    """
+    try:
+        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(
+            f"{path}: Rows, Columns or BitsAllocated missing or invalid; the file is not a "
+            "complete image, re-export it"
+        ) from None
+    if "PixelData" not in ds:
+        raise InputError(f"{path}: no PixelData; the file is not a complete image, re-export it")
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is not None and not ts.is_little_endian:
+        raise InputError(
+            f"{path}: big-endian transfer syntax {ts} (retired) is not supported; convert the "
+            "file to Explicit VR Little Endian first (e.g. dcmconv +te)"
+        )
+    if ts is not None and not ts.is_compressed:
+        needed = rows * cols * frames * bits // 8
+        have = len(ds.get_item("PixelData").value or b"")
+        if have < needed:
+            raise InputError(
+                f"{path}: PixelData holds {have} bytes but Rows x Columns x frames x "
+                f"BitsAllocated needs {needed}; the file is truncated or NumberOfFrames is wrong"
+            )
+    return rows, cols
+
+
 def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
     """Sort CT slices along their normal and build the grid, checking the series is regular.
 
@@ -296,7 +351,7 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
     what = f"CT series {datasets[0].get('SeriesInstanceUID', '?')} ({paths[0].parent})"
     iop0 = _floats(datasets[0], "ImageOrientationPatient", 6, f"{paths[0]}")
     ps0 = _floats(datasets[0], "PixelSpacing", 2, f"{paths[0]}")
-    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    rows, cols = check_pixel_module(datasets[0], paths[0])
     for ds, path in zip(datasets, paths):
         iop = _floats(ds, "ImageOrientationPatient", 6, f"{path}")
         if not np.allclose(iop, iop0, atol=ORIENTATION_ATOL):
@@ -304,7 +359,7 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
                 f"{path}: ImageOrientationPatient {iop.tolist()} differs from {iop0.tolist()} in "
                 f"the same {what}; the series mixes orientations, split it"
             )
-        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+        if check_pixel_module(ds, path) != (rows, cols):
             raise GeometryError(f"{path}: matrix {ds.Rows}x{ds.Columns} differs in {what}")
         if not np.allclose(_floats(ds, "PixelSpacing", 2, f"{path}"), ps0, atol=1e-4):
             raise GeometryError(f"{path}: PixelSpacing differs within {what}")
@@ -375,6 +430,23 @@ def contour_data_array(item: Dataset) -> FloatArray:
     return np.asarray([float(v) for v in value], dtype=np.float64)
 
 
+CONTOUR_TYPES = ("CLOSED_PLANAR", "OPEN_PLANAR", "OPEN_NONPLANAR", "POINT")
+"""ContourGeometricType values handled (CLOSEDPLANAR_XOR is read as CLOSED_PLANAR: both are
+composed even-odd here)."""
+
+
+def _roi_number(item: Dataset, keyword: str, path: Path, where: str) -> int:
+    """An ROI number attribute as int, or an InputError naming the item."""
+    value = item.get(keyword)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"{path}: {where} has no valid {keyword} ({value!r}); the structure set is corrupt, "
+            "re-export it"
+        ) from None
+
+
 def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
     """Read ROIs and contours (patient mm) of an RTSTRUCT, matching sequences by ROINumber.
 
@@ -388,15 +460,37 @@ def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
     pristine = ds
     ds = copy_dataset(ds)  # parse a copy: the returned dataset keeps its raw, unparsed elements
     types: dict[int, str] = {}
-    for obs in ds.get("RTROIObservationsSequence", []) or []:
-        if "ReferencedROINumber" in obs:
-            types[int(obs.ReferencedROINumber)] = str(obs.get("RTROIInterpretedType", "") or "")
+    for n, obs in enumerate(ds.get("RTROIObservationsSequence", []) or []):
+        if obs.get("ReferencedROINumber") not in (None, ""):
+            number = _roi_number(obs, "ReferencedROINumber", path, f"RTROIObservations item {n}")
+            types[number] = str(obs.get("RTROIInterpretedType", "") or "")
+    ssroi_numbers = [
+        _roi_number(ssr, "ROINumber", path, f"StructureSetROISequence item {n}")
+        for n, ssr in enumerate(ds.get("StructureSetROISequence", []) or [])
+    ]
     contours_by_roi: dict[int, list[Contour]] = {}
-    for rc in ds.get("ROIContourSequence", []) or []:
-        number = int(rc.ReferencedROINumber)
+    for n, rc in enumerate(ds.get("ROIContourSequence", []) or []):
+        number = _roi_number(rc, "ReferencedROINumber", path, f"ROIContourSequence item {n}")
+        if number in contours_by_roi:
+            raise InputError(
+                f"{path}: ROI {number} has two ROIContourSequence items; the structure set is "
+                "corrupt, re-export it"
+            )
+        if number not in ssroi_numbers:
+            raise InputError(
+                f"{path}: ROIContourSequence item {n} references ROI {number}, which is not in "
+                "StructureSetROISequence; the structure set is corrupt, re-export it"
+            )
         items: list[Contour] = []
         for idx, item in enumerate(rc.get("ContourSequence", []) or []):
-            gtype = str(item.get("ContourGeometricType", "CLOSED_PLANAR"))
+            gtype = str(item.get("ContourGeometricType", "CLOSED_PLANAR") or "CLOSED_PLANAR")
+            if gtype == "CLOSEDPLANAR_XOR":  # already an even-odd composition
+                gtype = "CLOSED_PLANAR"
+            if gtype not in CONTOUR_TYPES:
+                raise InputError(
+                    f"{path}: ROI {number} contour {idx}: unknown ContourGeometricType "
+                    f"{gtype!r}; expected one of {', '.join(CONTOUR_TYPES)}"
+                )
             try:
                 pts = contour_data_array(item)
             except (TypeError, ValueError) as exc:
@@ -421,11 +515,10 @@ def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
                     f"{np.ptp(pts[:, 2]):.2f} mm); only axial contours are supported"
                 )
             items.append(Contour(gtype, pts, idx))
-        contours_by_roi.setdefault(number, []).extend(items)
+        contours_by_roi[number] = items
     rois: list[Roi] = []
     seen: set[int] = set()
-    for ssr in ds.get("StructureSetROISequence", []) or []:
-        number = int(ssr.ROINumber)
+    for ssr, number in zip(ds.get("StructureSetROISequence", []) or [], ssroi_numbers):
         if number in seen:
             raise InputError(
                 f"{path}: ROINumber {number} appears twice; the structure set is corrupt"
@@ -458,7 +551,14 @@ def load_dose(ds: Dataset, path: Path) -> DoseGrid:
     ipp = _floats(ds, "ImagePositionPatient", 3, what)
     iop = _floats(ds, "ImageOrientationPatient", 6, what)
     ps = _floats(ds, "PixelSpacing", 2, what)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        float(ds.get("DoseGridScaling", 1.0))
+    except (TypeError, ValueError):
+        raise InputError(
+            f"{path}: NumberOfFrames or DoseGridScaling is not a number; re-export the dose"
+        ) from None
+    check_pixel_module(ds, path, frames)
     gfov = ds.get("GridFrameOffsetVector")
     if frames > 1 and gfov is None:
         raise InputError(f"{path}: multi-frame RTDOSE without GridFrameOffsetVector; re-export it")

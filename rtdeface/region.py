@@ -92,12 +92,15 @@ class RoiSections:
         Even-odd composition of the ROI's closed contours on each plane.
     half_thickness_mm : float
         Half the ROI's plane spacing: a plane's section stands for the slab z +/- this.
+    number : int
+        ROINumber (-1 when the sections do not come from a structure set ROI).
     """
 
     name: str
     planes_z_mm: FloatArray
     geometries: tuple[BaseGeometry, ...]
     half_thickness_mm: float
+    number: int = -1
 
     @classmethod
     def from_roi(cls, roi: Roi, default_thickness_mm: float) -> RoiSections:
@@ -116,7 +119,7 @@ class RoiSections:
         thickness = float(np.median(np.diff(z))) if z.size > 1 else default_thickness_mm
         for g in geoms:
             shapely.prepare(g)
-        return cls(roi.name, z, tuple(geoms), thickness / 2.0)
+        return cls(roi.name, z, tuple(geoms), thickness / 2.0, roi.number)
 
     def plane_index(self, z_mm: float) -> int:
         """Index of the contour plane standing for z (nearest within half a spacing), or -1."""
@@ -165,6 +168,11 @@ class DefacingRegion:
     def preserved_names(self) -> tuple[str, ...]:
         """Names of the preserved ROIs."""
         return tuple(p.name for p in self.preserved)
+
+    @property
+    def preserved_numbers(self) -> tuple[int, ...]:
+        """ROINumbers of the preserved ROIs (ROIs are matched by number, never by name)."""
+        return tuple(p.number for p in self.preserved)
 
     def in_region_z(self, z_mm: float | FloatArray) -> BoolArray:
         """Whether planes at ``z_mm`` are at or above the inferior eye plane."""
@@ -300,5 +308,9 @@ def with_margin(sections: RoiSections, margin_mm: float) -> RoiSections:
     for g in geoms:
         shapely.prepare(g)
     return RoiSections(
-        sections.name, sections.planes_z_mm, geoms, sections.half_thickness_mm + margin_mm
+        sections.name,
+        sections.planes_z_mm,
+        geoms,
+        sections.half_thickness_mm + margin_mm,
+        sections.number,
     )

@@ -47,10 +47,12 @@ def case_report(
             sources.append(case.structure_set.dataset)
         tokens = case_identity_tokens(sources)
 
-    def name(original: str) -> str:
-        if deid is None or original not in number_of:
+    def name(original: str, number: int | None = None) -> str:
+        """The ROI name as written (by ROINumber when known; names may repeat)."""
+        if number is None:
+            number = number_of.get(original)
+        if deid is None or number is None or number < 0:
             return original
-        number = number_of[original]
         if number in written:
             return written[number]
         # removed ROI: same rule as Clean Descriptors applies to written labels
@@ -58,7 +60,7 @@ def case_report(
 
     def roi_entry(change: RoiChange) -> dict[str, Any]:
         entry = dataclasses.asdict(change)
-        entry["name"] = name(change.name)
+        entry["name"] = name(change.name, change.number)
         return entry
 
     eyes = []
@@ -85,7 +87,7 @@ def case_report(
             "rule": "z >= z_inferior_mm and y < y_mid_mm, minus preserved ROIs",
             "z_inferior_mm": defaced.region.z_inferior_mm,
             "y_mid_mm": defaced.region.y_mid_mm,
-            "preserved_rois": [name(n) for n in defaced.region.preserved_names],
+            "preserved_rois": [name(p.name, p.number) for p in defaced.region.preserved],
             "keep_margin_mm": defaced.options.keep_margin_mm,
         },
         "ct": {
@@ -100,7 +102,7 @@ def case_report(
         "rois": [roi_entry(c) for c in defaced.structures.changes]
         if defaced.structures is not None
         else [],
-        "rois_removed": [name(n) for n in defaced.structures.removed_rois]
+        "rois_removed": [name(c.name, c.number) for c in defaced.structures.changes if c.removed]
         if defaced.structures
         else [],
         "doses": [

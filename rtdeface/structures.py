@@ -23,7 +23,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from shapely.geometry import LineString, Polygon
+from shapely.geometry import LineString, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from rtdeface.landmarks import closed_volume_ml
@@ -115,13 +115,26 @@ def _ring_points(coords: FloatArray, z_mm: float, y_mid_mm: float) -> list[str]:
     xy = np.asarray(coords, dtype=np.float64)[:, :2]
     if len(xy) > 1 and np.allclose(xy[0], xy[-1]):
         xy = xy[:-1]
-    scale = 10.0**COORD_DECIMALS
     out: list[str] = []
     for x, y in xy:
-        if abs(y - y_mid_mm) < 2.0 / scale:
-            y = math.ceil(y_mid_mm * scale) / scale
-        out.extend((_fmt(float(x)), _fmt(float(y)), _fmt(z_mm)))
+        out.extend((_fmt(float(x)), _fmt(_snap_y(float(y), y_mid_mm)), _fmt(z_mm)))
     return out
+
+
+def _snap_y(y: float, y_mid_mm: float) -> float:
+    """A y within rounding of the cut line, moved to the line rounded up (posterior)."""
+    scale = 10.0**COORD_DECIMALS
+    if abs(y - y_mid_mm) < 2.0 / scale:
+        return math.ceil(y_mid_mm * scale) / scale
+    return y
+
+
+def _outline(points_lps_mm: FloatArray) -> BaseGeometry:
+    """The drawn outline of a closed contour (a point for a one-point contour)."""
+    xy = points_lps_mm[:, :2]
+    if len(xy) == 1:
+        return Point(xy[0])
+    return LineString(np.vstack([xy, xy[:1]]))
 
 
 def _polygon_rings(geom: BaseGeometry) -> list[FloatArray]:
@@ -156,13 +169,19 @@ def _new_item(template: Dataset, gtype: str, data: list[str]) -> Dataset:
 def _clip_closed_plane(
     contours: Sequence[Contour], items: Sequence[Dataset], cut: BaseGeometry, z: float, y_mid: float
 ) -> list[Dataset] | None:
-    """New items for one plane, or None when the plane does not meet the cut."""
+    """New items for one plane, or None when no contour of the plane meets the cut.
+
+    A plane meets the cut when any contour outline (or its even-odd area) does, so duplicate
+    or cancelling contours and degenerate (point/line) contours in the cut cannot survive;
+    the plane is then rewritten as ``section - cut`` and zero-area contours are dropped.
+    """
     section = even_odd([polygon_from_points(c.points_lps_mm) for c in contours])
-    if section.is_empty or not section.intersects(cut):
+    meets = any(_outline(c.points_lps_mm).intersects(cut) for c in contours) or (
+        not section.is_empty and section.intersection(cut).area > MIN_RING_AREA_MM2
+    )
+    if not meets:
         return None
-    if section.intersection(cut).area <= MIN_RING_AREA_MM2:
-        return None
-    remaining = section.difference(cut)
+    remaining = section.difference(cut) if not section.is_empty else Polygon()
     template = items[0]
     return [
         _new_item(template, "CLOSED_PLANAR", _ring_points(ring, z, y_mid))
@@ -175,7 +194,7 @@ def _clip_open(contour: Contour, item: Dataset, region: DefacingRegion) -> list[
     inside = region.contains_points(pts)
     if not inside.any():
         return None
-    if contour.geometric_type == "POINT":
+    if contour.geometric_type == "POINT" or len(pts) < 2:
         return []
     if contour.geometric_type == "OPEN_PLANAR":
         cut = region.cut_at(contour.z_mm)
@@ -187,7 +206,8 @@ def _clip_open(contour: Contour, item: Dataset, region: DefacingRegion) -> list[
             if isinstance(part, LineString) and not part.is_empty and len(part.coords) >= 2:
                 data: list[str] = []
                 for x, y in np.asarray(part.coords):
-                    data.extend((_fmt(float(x)), _fmt(float(y)), _fmt(contour.z_mm)))
+                    y_out = _snap_y(float(y), region.y_mid_mm)
+                    data.extend((_fmt(float(x)), _fmt(y_out), _fmt(contour.z_mm)))
                 out.append(_new_item(item, "OPEN_PLANAR", data))
         return out
     # OPEN_NONPLANAR: keep runs of >= 2 consecutive vertices outside the cut
@@ -215,12 +235,12 @@ def deface_structures(
     structure_set : StructureSet
         The loaded structure set (its dataset is deep-copied, never modified).
     region : DefacingRegion
-        R and P; ROIs whose name is in ``region.preserved_names`` are not touched.
+        R and P; ROIs whose number is in ``region.preserved_numbers`` are not touched.
     default_thickness_mm : float
         Slab thickness for volumes of single-plane ROIs (the CT slice spacing).
     """
     ds = copy_dataset(structure_set.dataset)
-    preserved = set(region.preserved_names)
+    preserved = set(region.preserved_numbers)
     rc_by_number = {int(rc.ReferencedROINumber): rc for rc in ds.get("ROIContourSequence", [])}
     changes: list[RoiChange] = []
     removed_numbers: set[int] = set()
@@ -228,7 +248,7 @@ def deface_structures(
         rc = rc_by_number.get(roi.number)
         n_before = len(roi.contours)
         vol_before = closed_volume_ml(roi.contours, default_thickness_mm)
-        is_kept = roi.name in preserved
+        is_kept = roi.number in preserved
         if is_kept or rc is None or "ContourSequence" not in rc or not roi.contours:
             changes.append(
                 RoiChange(

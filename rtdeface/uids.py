@@ -30,6 +30,10 @@ DEFAULT_UID_ROOT = "2.25."
 MAX_UID_LENGTH = 64
 """Longest UID the DICOM standard allows (PS3.5 9.1)."""
 
+MIN_SAME_LENGTH_DIGITS = 20
+"""Fewest keyed digits a same-length UID may have (shorter originals are mapped with
+:meth:`UidMapper.map`, whose length differs): 10**20 values make collisions negligible."""
+
 
 @dataclass(frozen=True)
 class UidMapper:
@@ -67,18 +71,26 @@ class UidMapper:
         """Like :meth:`map` but the result has exactly the length of ``uid`` when possible.
 
         Used when rewriting UIDs inside raw (unparsed) element bytes, where a value may only be
-        replaced by one of the same length. UIDs shorter than the root plus 2 digits, or longer
-        than the root plus 77 digits, fall back to :meth:`map` (and are rewritten parsed).
+        replaced by one of the same length. The result is the root, the keyed 128-bit integer
+        (truncated when the UID is short) and, for long UIDs, one more arc of keyed digits
+        (an arc under the UUID-derived OID, so ``2.25`` stays valid). UIDs leaving fewer than
+        :data:`MIN_SAME_LENGTH_DIGITS` digits fall back to :meth:`map` (different length).
         """
         uid = str(uid).strip().rstrip("\x00")
         if uid.startswith(REGISTERED_UID_ROOT) or not uid:
             return uid
-        digits_needed = len(uid) - len(self.root)
-        if not 2 <= digits_needed <= 77:
+        room = len(uid) - len(self.root)
+        if room < MIN_SAME_LENGTH_DIGITS or len(uid) > MAX_UID_LENGTH:
             return self.map(uid)
         digest = hmac.new(self.key, uid.encode("ascii", "replace"), hashlib.sha256).digest()
-        number = str(int.from_bytes(digest, "big"))  # 77 or 78 digits, no leading zero
-        return self.root + number[:digits_needed]
+        number = str(int.from_bytes(digest[:16], "big"))  # < 2**128, no leading zero
+        if len(number) >= room:
+            return self.root + number[:room]
+        extra_room = room - len(number) - 1  # one dot before the extra arc
+        if extra_room == 0:  # no room for '.d': give one digit of the number to the extra arc
+            number, extra_room = number[:-1], 1
+        extra = str(int.from_bytes(digest[16:], "big"))  # no leading zero
+        return f"{self.root}{number}.{extra[:extra_room]}"
 
 
 def element_vr(ds: Dataset, tag: int) -> str:
@@ -134,6 +146,13 @@ class SameLengthTable:
                 table[u.encode("ascii")] = new.encode("ascii")
             elif u:
                 fallback.add(u)
+        seen: dict[bytes, bytes] = {}
+        for old_uid, new_uid in list(table.items()):  # never map two UIDs to one
+            if new_uid in seen:
+                fallback.update((old_uid.decode(), seen[new_uid].decode()))
+            seen[new_uid] = old_uid
+        for u in fallback:
+            table.pop(u.encode("ascii"), None)
         return cls(table, frozenset(fallback), RAW_UID_PATTERN)
 
     def sub(self, value: bytes) -> bytes:

@@ -62,7 +62,7 @@ def uid_key(defaced: DefacedCase) -> bytes:
         {
             "z": round(r.z_inferior_mm, 6),
             "y": round(r.y_mid_mm, 6),
-            "kept": sorted(r.preserved_names),
+            "kept": sorted(r.preserved_numbers),
             "opts": repr(defaced.options),
         },
         sort_keys=True,
@@ -110,6 +110,19 @@ def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
         )
 
 
+def derived_image_type(value: object) -> list[str]:
+    """ImageType with value 1 set to DERIVED (value 2 defaults to PRIMARY when absent)."""
+    if value is None or value == "":
+        values: list[str] = []
+    elif isinstance(value, str):
+        values = value.split("\\")
+    else:
+        values = [str(v) for v in value]  # type: ignore[attr-defined]
+    if not values:
+        return ["DERIVED", "PRIMARY"]
+    return ["DERIVED", *values[1:]] if len(values) > 1 else ["DERIVED", "PRIMARY"]
+
+
 def build_outputs(
     defaced: DefacedCase, deid: DeidOptions | None = None
 ) -> tuple[list[OutputObject], DeidRecord | None]:
@@ -135,14 +148,13 @@ def build_outputs(
         ds = copy_dataset(src)
         if k in defaced.ct.slices:
             _set_pixels(ds, defaced.ct.slices[k])
-        image_type = list(ds.get("ImageType", ["ORIGINAL", "PRIMARY"]))
-        image_type[0] = "DERIVED"
-        ds.ImageType = image_type
+        ds.ImageType = derived_image_type(ds.get("ImageType"))
         ds.DerivationDescription = DERIVATION_DESCRIPTION
         ds.RecognizableVisualFeatures = "NO"
         outputs.append(OutputObject(f"CT/CT_{k + 1:04d}.dcm", "CT", ds))
-    if defaced.structures is not None:
-        outputs.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", defaced.structures.dataset))
+    if defaced.structures is not None:  # a copy: building outputs twice gives the same result
+        structures = copy_dataset(defaced.structures.dataset)
+        outputs.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", structures))
     for n, (dose, result) in enumerate(zip(case.doses, defaced.doses), start=1):
         ds = copy_dataset(dose.dataset)
         if result.stored is not None:

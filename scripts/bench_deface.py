@@ -81,6 +81,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args()
+    # peak memory first, while this process is small: Linux keeps a forked child's maximum
+    # RSS across exec, so children started later would inherit this process's size
+    peak_floor = _child_peak_mb("io_floor", args.case_dir)
+    peak_deface = _child_peak_mb("deface", args.case_dir)
     floor_s: list[float] = []
     runs: dict[str, list[float]] = {name: [] for name in CONFIGS}
     base = Path(tempfile.mkdtemp(prefix="rtdeface-bench-"))
@@ -99,8 +103,6 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     floor = statistics.median(floor_s)
     full = statistics.median(runs["default"])
-    peak_floor = _child_peak_mb("io_floor", args.case_dir)
-    peak_deface = _child_peak_mb("deface", args.case_dir)
     print(f"case: {args.case_dir}")
     print(f"I/O floor (pydicom read + write): median {floor:.3f} s  runs {_r(floor_s)}")
     for name, values in runs.items():
