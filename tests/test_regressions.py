@@ -188,7 +188,7 @@ def test_build_outputs_twice_gives_the_same_result(phantom: Path) -> None:
     second, _ = build_outputs(defaced)
     for a, b in zip(first, second):
         assert a.dataset.SOPInstanceUID == b.dataset.SOPInstanceUID
-    rs = [o.dataset for o in second if o.role == "RTSTRUCT"][0]
+    rs = next(o.dataset for o in second if o.role == "RTSTRUCT")
     assert rs.SOPInstanceUID != defaced.case.structure_set.dataset.SOPInstanceUID  # type: ignore[union-attr]
 
 
