@@ -987,7 +987,12 @@ def _process_element(owner: Dataset, elem: DataElement, ctx: _Context, path: str
             return False
     listed = table_action(tag)
     if listed is not None:
-        return _apply_table_action(ctx, path, owner, elem, _resolve(listed))
+        action = _resolve(listed)
+        if action == "Z" and elem.VR == "SQ" and listed.startswith("X/"):
+            # an empty sequence is invalid where the attribute is Type 3 (e.g.
+            # ReferencedStudySequence): removing it is the profile's other allowed choice
+            action = "X"
+        return _apply_table_action(ctx, path, owner, elem, action)
     if keyword in RT_SUPPLEMENT or vr in {"PN", "DA", "DT"} or vr in FREE_TEXT_VRS:
         _set(ctx, path, owner, elem, "Z", _empty_value(vr))
         return False
