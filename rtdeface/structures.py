@@ -225,6 +225,14 @@ def _clip_open(contour: Contour, item: Dataset, region: DefacingRegion) -> list[
     return out
 
 
+def _unchanged(roi: Roi, preserved: bool, volume_ml: float) -> RoiChange:
+    """The change record of an ROI whose contours are kept as they are."""
+    n = len(roi.contours)
+    return RoiChange(
+        roi.number, roi.name, roi.interpreted_type, preserved, volume_ml, volume_ml, 0, n, n, False
+    )
+
+
 def deface_structures(
     structure_set: StructureSet, region: DefacingRegion, default_thickness_mm: float
 ) -> StructuresResult:
@@ -250,20 +258,7 @@ def deface_structures(
         vol_before = closed_volume_ml(roi.contours, default_thickness_mm)
         is_kept = roi.number in preserved
         if is_kept or rc is None or "ContourSequence" not in rc or not roi.contours:
-            changes.append(
-                RoiChange(
-                    roi.number,
-                    roi.name,
-                    roi.interpreted_type,
-                    is_kept,
-                    vol_before,
-                    vol_before,
-                    0,
-                    n_before,
-                    n_before,
-                    False,
-                )
-            )
+            changes.append(_unchanged(roi, is_kept, vol_before))
             continue
         items = list(rc.ContourSequence)
         replacement: dict[int, list[Dataset]] = {}  # first item index of a group -> new items
@@ -298,20 +293,7 @@ def deface_structures(
                 planes_changed += 1
                 replacement[c.item_index] = new
         if not replacement:
-            changes.append(
-                RoiChange(
-                    roi.number,
-                    roi.name,
-                    roi.interpreted_type,
-                    False,
-                    vol_before,
-                    vol_before,
-                    0,
-                    n_before,
-                    n_before,
-                    False,
-                )
-            )
+            changes.append(_unchanged(roi, False, vol_before))
             continue
         new_items: list[Dataset] = []
         empty_indices = {i for i, it in enumerate(items) if contour_data_array(it).size == 0}
