@@ -296,6 +296,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="print and write the dataset tables (summary.json, summary.md)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument(
+        "--privacy",
+        action="store_true",
+        help="also run the privacy check (face detection on renderings; needs "
+        "rtdeface[privacy]) into QA/privacy; a face still detectable fails the case",
+    )
+
+    p = sub.add_parser(
+        "privacy",
+        help="render the face from the CT, BODY contour and dose before/after and look for a "
+        "face (needs rtdeface[privacy])",
+        description="Render the skin (CT), the BODY/EXTERNAL contour and each dose grid's "
+        "low-isodose surface of ORIGINAL and DEFACED from 5 views, run MTCNN and the dlib HOG "
+        "detector on every rendering and compare dlib face descriptors. Writes PNGs and "
+        "privacy.json into OUT (default: DEFACED/../<DEFACED name>_privacy; never inside "
+        "DEFACED). Exit 0: no face detected after defacing in any view; 1: a face is still "
+        "detectable; 2: usage error or the privacy extra is missing.",
+    )
+    p.add_argument("original", type=Path, metavar="ORIGINAL")
+    p.add_argument("defaced", type=Path, metavar="DEFACED")
+    p.add_argument("-o", "--output", type=Path, metavar="OUT", help="folder for the renderings")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        metavar="CASE",
+        help="another subject's case for the different-face baseline [default: a synthetic "
+        "reference head]",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
@@ -742,6 +771,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             raise UsageError(f"--qa {qa_root} lies inside the defaced output {defaced}")
     results: list[CaseValidation] = []
     images: list[Path] = []
+    detectors = None
+    if args.privacy:
+        from rtdeface.privacy import load_detectors
+
+        detectors = load_detectors()  # UsageError (exit 2) with the install hint when missing
     for n, (original, defaced) in enumerate(pairs):
         qa_dir = qa_root / f"{n + 1:04d}_{defaced.name}" if multi else qa_root
         try:
@@ -770,6 +804,26 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             pngs = case_images(orig, dfc, region, qa_dir, defaced.name, eye_x_from_report(defaced))
             v.qa_images.extend(str(p) for p in pngs)
             images.extend(pngs)
+        if detectors is not None and orig is not None and dfc is not None:
+            import dataclasses
+
+            from rtdeface.privacy import check_privacy, verdict_text
+
+            pr = check_privacy(orig, dfc, qa_dir / "privacy", detectors)
+            (qa_dir / "privacy" / "privacy.json").write_text(
+                json.dumps(pr.to_dict(), indent=1) + "\n", "utf-8"
+            )
+            status = "PASS" if pr.status == "PASS" else "FAIL" if pr.status == "FAIL" else "INFO"
+            problems = tuple(
+                f"{r.surface} {r.view}: face still detectable after defacing"
+                for s in pr.surfaces
+                for r in s.views
+                if r.status == "FAIL"
+            )
+            privacy_check = Check(
+                "privacy.face", status, verdict_text(pr), problems, {"report": pr.to_dict()}
+            )
+            v = dataclasses.replace(v, checks=(*v.checks, privacy_check))
         qa_dir.mkdir(parents=True, exist_ok=True)
         (qa_dir / "validation.json").write_text(
             json.dumps(v.to_dict(), indent=1, default=float) + "\n", encoding="utf-8"
@@ -798,6 +852,29 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if all(v.ok for v in results) else 1
 
 
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    """Privacy check of one ORIGINAL/DEFACED pair; exit 1 when a face is still detectable."""
+    from rtdeface.load import load_case
+    from rtdeface.privacy import check_privacy, format_report, load_detectors
+
+    detectors = load_detectors()  # UsageError (exit 2) with the install hint when missing
+    original, defaced = Path(args.original).absolute(), Path(args.defaced).absolute()
+    out = (args.output or defaced.with_name(defaced.name + "_privacy")).absolute()
+    if out == defaced or defaced in out.parents:
+        raise UsageError(f"--output {out} lies inside the defaced output {defaced}")
+    reference = load_case(args.reference) if args.reference else None
+    report = check_privacy(
+        load_case(original), load_case(defaced), out, detectors, reference=reference
+    )
+    (out / "privacy.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n", "utf-8")
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    elif not args.quiet:
+        print(format_report(report))
+        print(f"  report: {out / 'privacy.json'}")
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 a case failed, 2 usage)."""
     parser = build_parser()
@@ -815,6 +892,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_deface(args)
         if args.command == "validate":
             return _cmd_validate(args)
+        if args.command == "privacy":
+            return _cmd_privacy(args)
         return _cmd_inspect(args)
     except UsageError as exc:
         print(f"rtdeface: error: {exc}", file=sys.stderr)

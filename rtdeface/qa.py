@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -372,4 +373,288 @@ def write_pdf(pngs: Sequence[Path], path: Path) -> Path:
     return path
 
 
-__all__ = ["case_images", "eye_x_from_report", "render_surface", "write_pdf"]
+# --------------------------------------------------------------------------- any-view rendering
+
+
+@dataclass(frozen=True)
+class View:
+    """A viewing direction for :func:`render_mask`.
+
+    Attributes
+    ----------
+    name : str
+        Short label (used in file names).
+    yaw_deg : float
+        Rotation of the camera about the patient z axis, from straight in front of the face
+        towards the patient's left (negative: towards the patient's right).
+    pitch_deg : float
+        Elevation of the camera above the axial plane (positive: looking down from above).
+    """
+
+    name: str
+    yaw_deg: float
+    pitch_deg: float = 0.0
+
+    def basis(self) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Unit vectors (u, v, d) in patient coordinates (LPS).
+
+        ``u`` points to the image's right (patient left at yaw 0), ``v`` to the image's top
+        (superior at pitch 0) and ``d`` along the viewing rays, away from the camera
+        (posterior at yaw 0).
+        """
+        th, ph = np.deg2rad(self.yaw_deg), np.deg2rad(self.pitch_deg)
+        u = np.array([np.cos(th), np.sin(th), 0.0])
+        horizontal = np.array([-np.sin(th), np.cos(th), 0.0])
+        d = np.cos(ph) * horizontal + np.array([0.0, 0.0, -np.sin(ph)])
+        v = np.cross(u, d)
+        return u, v / np.linalg.norm(v), d / np.linalg.norm(d)
+
+
+@dataclass(frozen=True)
+class RenderFrame:
+    """The orthographic image plane shared by every rendering of one case.
+
+    Attributes
+    ----------
+    centre_mm : tuple of 3 float
+        Patient point (LPS, mm) at the image centre and at depth 0.
+    half_width_mm, half_height_mm : float
+        Half the image size (mm) along u and v.
+    half_depth_mm : float
+        Rays run from ``-half_depth_mm`` to ``+half_depth_mm`` around the centre.
+    pixel_mm : float
+        Pixel size (mm) of the image and ray step.
+    """
+
+    centre_mm: tuple[float, float, float]
+    half_width_mm: float
+    half_height_mm: float
+    half_depth_mm: float
+    pixel_mm: float
+
+
+HEAD_HEIGHT_MM = 250.0
+"""Height (mm) of the rendered window below the top of the head (a head with its chin)."""
+
+HEAD_WIDTH_BAND_MM = 190.0
+"""The frame's width is the widest extent of the body within this distance (mm) of its top."""
+
+RENDER_PIXEL_MM = 1.5
+"""Pixel size (mm) of the privacy renderings (a 150 mm wide face spans about 100 pixels)."""
+
+COARSE_MM = 4.0
+"""Block size (mm) of the pooled mask that bounds where each ray can first hit."""
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSurface:
+    """A voxel mask prepared for rendering from any view.
+
+    Attributes
+    ----------
+    mask : numpy.ndarray of bool, shape ``grid.shape``
+        Voxels (k, i, j) inside the surface.
+    grid : Grid
+        Its geometry.
+    blocks_lps_mm : numpy.ndarray, shape (n, 3)
+        Centres (patient mm, LPS) of the occupied blocks of about :data:`COARSE_MM`.
+    blocks_kij : numpy.ndarray of int, shape (n, 3)
+        Block indices of the same blocks.
+    block_half_diagonal_mm : float
+        Half the diagonal of one block (mm).
+    """
+
+    mask: npt.NDArray[np.bool_]
+    grid: Grid
+    blocks_lps_mm: FloatArray
+    blocks_kij: npt.NDArray[np.int64]
+    block_half_diagonal_mm: float
+
+    @classmethod
+    def from_mask(cls, mask: npt.NDArray[np.bool_], grid: Grid) -> MaskSurface:
+        """Pool ``mask`` (shape ``grid.shape``) into blocks of about :data:`COARSE_MM`."""
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != grid.shape:
+            raise ValueError(f"mask shape {m.shape} differs from grid shape {grid.shape}")
+        sp = np.asarray(grid.spacing_mm)
+        f = np.maximum(1, np.rint(COARSE_MM / sp)).astype(int)
+        n = -(-np.asarray(m.shape) // f)
+        padded = np.zeros(tuple(int(x) for x in n * f), dtype=bool)
+        padded[: m.shape[0], : m.shape[1], : m.shape[2]] = m
+        pooled = padded.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).any(axis=(1, 3, 5))
+        blocks = np.argwhere(pooled).astype(np.int64)
+        kij = blocks.astype(np.float64) * f + (f - 1) / 2.0
+        return cls(m, grid, grid.to_patient(kij), blocks, float(np.linalg.norm(f * sp) / 2))
+
+
+def frame_for_head(
+    surface: MaskSurface,
+    pixel_mm: float = RENDER_PIXEL_MM,
+    head_height_mm: float = HEAD_HEIGHT_MM,
+) -> RenderFrame:
+    """A frame around the head: the top ``head_height_mm`` of the body, as wide as the skull.
+
+    The body is the largest connected set of occupied blocks of ``surface`` (so a couch or a
+    mask frame apart from the patient does not widen the frame).
+
+    Raises
+    ------
+    ValueError
+        When the mask is empty.
+    """
+    from scipy import ndimage
+
+    pts = surface.blocks_lps_mm
+    if pts.shape[0] == 0:
+        raise ValueError("empty body mask: nothing to render")
+    ijk = surface.blocks_kij
+    occ = np.zeros(tuple(int(x) for x in ijk.max(axis=0) + 1), dtype=bool)
+    occ[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = True
+    labels, n = ndimage.label(occ)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())[1:]
+        pts = pts[labels[ijk[:, 0], ijk[:, 1], ijk[:, 2]] == int(np.argmax(sizes)) + 1]
+    z_top = float(pts[:, 2].max())
+    head = pts[pts[:, 2] >= z_top - head_height_mm]
+    skull = pts[pts[:, 2] >= z_top - HEAD_WIDTH_BAND_MM]
+    lo, hi = head.min(axis=0), head.max(axis=0)
+    s_lo, s_hi = skull.min(axis=0), skull.max(axis=0)
+    centre = np.array([(s_lo[0] + s_hi[0]) / 2, (s_lo[1] + s_hi[1]) / 2, (lo[2] + hi[2]) / 2])
+    margin = 8.0 + surface.block_half_diagonal_mm
+    return RenderFrame(
+        (float(centre[0]), float(centre[1]), float(centre[2])),
+        float(max(s_hi[0] - s_lo[0], s_hi[1] - s_lo[1]) / 2 + margin),
+        float((hi[2] - lo[2]) / 2 + margin),
+        float(np.linalg.norm(hi - lo) / 2 + margin),
+        pixel_mm,
+    )
+
+
+def _ray_starts(
+    surface: MaskSurface,
+    basis: tuple[FloatArray, FloatArray, FloatArray],
+    frame: RenderFrame,
+    n_cols: int,
+    n_rows: int,
+) -> FloatArray:
+    """Depth (mm) at which each pixel's ray must start (NaN: the ray cannot hit the mask).
+
+    Every occupied block is projected onto a coarse image keeping the nearest depth, widened
+    by one coarse pixel and moved towards the camera by the block's half diagonal, so no ray
+    starts behind its first hit. Returned flat, shape (n_rows * n_cols,), row-major.
+    """
+    from scipy import ndimage
+
+    u, v, d = basis
+    out = np.full(n_rows * n_cols, np.nan)
+    if surface.blocks_lps_mm.shape[0] == 0:
+        return out
+    rel = surface.blocks_lps_mm - np.asarray(frame.centre_mm)
+    half_diag = surface.block_half_diagonal_mm
+    cpx = max(frame.pixel_mm, half_diag)
+    cu = np.floor((rel @ u + frame.half_width_mm) / cpx).astype(np.int64)
+    cv = np.floor((frame.half_height_mm - rel @ v) / cpx).astype(np.int64)
+    nu = int(np.ceil(2 * frame.half_width_mm / cpx)) + 1
+    nv = int(np.ceil(2 * frame.half_height_mm / cpx)) + 1
+    ok = (cu >= 0) & (cu < nu) & (cv >= 0) & (cv < nv)
+    coarse = np.full((nv, nu), np.inf)
+    np.minimum.at(coarse, (cv[ok], cu[ok]), (rel @ d)[ok])
+    coarse = ndimage.minimum_filter(coarse, size=3, mode="constant", cval=np.inf)
+    cols = np.minimum(((np.arange(n_cols) * frame.pixel_mm) // cpx).astype(int), nu - 1)
+    rows = np.minimum(((np.arange(n_rows) * frame.pixel_mm) // cpx).astype(int), nv - 1)
+    fine = coarse[rows[:, None], cols[None, :]] - half_diag - frame.pixel_mm
+    fine[~np.isfinite(fine)] = np.nan
+    return np.asarray(fine.ravel(), dtype=np.float64)
+
+
+def render_mask(surface: MaskSurface, view: View, frame: RenderFrame) -> FloatArray:
+    """Shaded surface of a voxel mask seen from ``view``: orthographic ray casting.
+
+    Every pixel's ray steps by ``frame.pixel_mm`` (starting where :func:`_ray_starts` says it
+    cannot yet have hit) and stops at the first voxel inside the mask (nearest voxel centre,
+    through the grid's own affine, so any orientation renders the same); the depth map is
+    smoothed over about half a slice spacing (so thick slices do not show as terraces) and
+    Lambert-shaded with a light near the camera, slightly above and to the right.
+
+    Parameters
+    ----------
+    surface : MaskSurface
+        The mask and its geometry.
+    view, frame : View, RenderFrame
+        Camera direction and image plane.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape (rows, columns)
+        Shade in [0, 1]; row 0 is the top of the image; NaN where a ray misses.
+    """
+    mask, grid = surface.mask, surface.grid
+    from scipy import ndimage
+
+    u, v, d = view.basis()
+    px = frame.pixel_mm
+    us = np.arange(-frame.half_width_mm, frame.half_width_mm + px / 2, px)
+    vs = np.arange(frame.half_height_mm, -frame.half_height_mm - px / 2, -px)
+    c = np.asarray(frame.centre_mm, dtype=np.float64)
+    start = _ray_starts(surface, (u, v, d), frame, us.size, vs.size)
+    depth = np.full(start.size, np.nan)
+    active = np.flatnonzero(np.isfinite(start))
+    if active.size:
+        rows, cols = np.divmod(active, us.size)
+        base_mm = c + us[cols, None] * u + vs[rows, None] * v + start[active, None] * d
+        base = grid.to_index(base_mm).astype(np.float32)
+        step = (grid.to_index(c + px * d) - grid.to_index(c)).astype(np.float32)
+        shape = np.asarray(grid.shape)
+        t_max = 2.0 * frame.half_depth_mm
+        t_start = start[active]
+        chunk = 16
+        n_steps = np.arange(chunk, dtype=np.float32)
+        offset = 0
+        while active.size and offset * px < t_max:
+            idx = base[None, :, :] + (n_steps[:, None, None] + offset) * step
+            idx = np.rint(idx).astype(np.int32)
+            ok = np.all((idx >= 0) & (idx < shape), axis=-1)
+            np.clip(idx, 0, shape - 1, out=idx)
+            hit = mask[idx[..., 0], idx[..., 1], idx[..., 2]] & ok
+            anyhit = hit.any(axis=0)
+            first = np.argmax(hit, axis=0)
+            depth[active[anyhit]] = t_start[anyhit] + (offset + first[anyhit]) * px
+            keep = ~anyhit
+            active, base, t_start = active[keep], base[keep], t_start[keep]
+            offset += chunk
+    depth_img = depth.reshape(vs.size, us.size)
+    valid = np.isfinite(depth_img)
+    if not valid.any():
+        return depth_img
+    sigma = max(1.0, 0.5 * max(grid.spacing_mm) / px)
+    filled = np.where(valid, depth_img, 0.0)
+    num = ndimage.gaussian_filter(filled, sigma)
+    den = ndimage.gaussian_filter(valid.astype(np.float64), sigma)
+    smooth = np.where(valid, num / np.maximum(den, 1e-6), np.nan)
+    smooth_f = np.where(valid, smooth, np.nanmax(smooth))
+    dv, du = np.gradient(smooth_f, px, px)
+    # depth grows away from the camera; rows go down the image (towards -v)
+    normal = np.stack([du, -dv, -np.ones_like(du)], axis=-1)
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    light = np.array([0.2, 0.35, -1.0])
+    light /= np.linalg.norm(light)
+    shade = 0.12 + 0.88 * np.clip(normal @ light, 0, 1)
+    shade[~valid] = np.nan
+    return np.asarray(shade, dtype=np.float64)
+
+
+__all__ = [
+    "COARSE_MM",
+    "HEAD_HEIGHT_MM",
+    "HEAD_WIDTH_BAND_MM",
+    "RENDER_PIXEL_MM",
+    "MaskSurface",
+    "RenderFrame",
+    "View",
+    "case_images",
+    "eye_x_from_report",
+    "frame_for_head",
+    "render_mask",
+    "render_surface",
+    "write_pdf",
+]
