@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from rtdeface import __version__
 from rtdeface.errors import RtDefaceError, UsageError
+from rtdeface.fullface import DEFAULT_FACE_DEPTH_MM, DEFAULT_FACE_MARGIN_MM, MODES
 from rtdeface.pipeline import EYE_MODES, DefaceOptions, deface_case, find_landmarks
-from rtdeface.region import select_preserved
+from rtdeface.region import DefacingRegion, select_preserved
 
 if TYPE_CHECKING:
     from rtdeface.batch import CaseResult
@@ -72,6 +73,46 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
         "--no-ptv",
         action="store_true",
         help="do not preserve PTVs (only --keep ROIs are preserved)",
+    )
+    f = p.add_argument_group("defacing mode")
+    f.add_argument(
+        "--mode",
+        choices=MODES,
+        default="default",
+        help="default: the published cut (superior to the inferior eye plane and anterior to "
+        "the eyes' midpoint); full-face: also flatten the face below the eyes (nose, lips, "
+        "chin, mask) to the bony level, down to the chin, preserving PTVs and the default "
+        "HNC OARs [default: default]",
+    )
+    f.add_argument(
+        "--keep-oar",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="full-face mode: also preserve OARs whose name matches this regular expression "
+        "(case-insensitive; repeatable)",
+    )
+    f.add_argument(
+        "--no-default-oars",
+        action="store_true",
+        help="full-face mode: do not preserve the default OARs (mandible, oral cavity, "
+        "parotids, submandibular glands, spinal cord, brainstem, larynx, constrictors)",
+    )
+    f.add_argument(
+        "--face-margin",
+        type=float,
+        default=DEFAULT_FACE_MARGIN_MM,
+        metavar="MM",
+        help="full-face mode: cut this far anterior to the bone front "
+        f"[default: {DEFAULT_FACE_MARGIN_MM:g}]",
+    )
+    f.add_argument(
+        "--face-depth",
+        type=float,
+        default=DEFAULT_FACE_DEPTH_MM,
+        metavar="MM",
+        help="full-face mode: largest distance below the eye plane the region reaches "
+        f"(it stops at the chin when found) [default: {DEFAULT_FACE_DEPTH_MM:g}]",
     )
 
 
@@ -174,6 +215,22 @@ def _options(args: argparse.Namespace) -> DefaceOptions:
         keep_margin_mm=args.keep_margin,
         preserve_ptvs=not args.no_ptv,
         eye_check=not args.no_eye_check,
+        mode=args.mode,
+        keep_oars=tuple(args.keep_oar),
+        default_oars=not args.no_default_oars,
+        face_margin_mm=args.face_margin,
+        face_depth_mm=args.face_depth,
+    )
+
+
+def _face_line(region: DefacingRegion) -> str:
+    """The full-face part of the deface summary ('' in the default mode)."""
+    face = region.face
+    if face is None or face.z_mm.size == 0:
+        return ""
+    return (
+        f"\n  full-face: y < bone front - margin on {face.z_mm.size} planes, "
+        f"z {face.z_mm[0]:.1f}..{face.z_mm[-1]:.1f} mm (chin level {face.z_chin_mm:.1f} mm)"
     )
 
 
@@ -389,6 +446,7 @@ def _cmd_deface(args: argparse.Namespace) -> int:
             f"cut z >= {lm.z_inferior_mm:.2f} mm, y < {lm.y_mid_mm:.2f} mm"
             + (f" (confidence {lm.confidence:.2f})" if lm.confidence is not None else "")
             + (f"\n  {lm.cross_check.message}" if lm.cross_check else "")
+            + _face_line(defaced.region)
             + "\n"
             f"  CT voxels changed: {defaced.ct.voxels_changed}; preserved in region: "
             f"{defaced.ct_preserved_in_region} "

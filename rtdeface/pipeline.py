@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 from rtdeface.ct import CtResult, deface_ct
 from rtdeface.dose import DoseResult, deface_dose
 from rtdeface.errors import LandmarkError, UsageError
+from rtdeface.fullface import (
+    DEFAULT_FACE_DEPTH_MM,
+    DEFAULT_FACE_MARGIN_MM,
+    MODES,
+    face_profile,
+    select_oars,
+)
 from rtdeface.landmarks import (
     EyeLandmarks,
     cross_check,
@@ -52,6 +59,17 @@ class DefaceOptions:
     eye_check : bool
         In ``auto`` mode, also find the eyes in the image and report (and warn about) their
         disagreement with the contoured eyes.
+    mode : str
+        One of :data:`rtdeface.fullface.MODES`: ``default`` (the published cut) or
+        ``full-face`` (also the face below the eyes, see :mod:`rtdeface.fullface`).
+    keep_oars : tuple of str
+        Full-face mode: further OAR name patterns to preserve (``--keep-oar``).
+    default_oars : bool
+        Full-face mode: preserve the OARs of :data:`rtdeface.fullface.DEFAULT_OAR_PATTERNS`.
+    face_margin_mm : float
+        Full-face mode: the face is cut this far anterior to the bone front.
+    face_depth_mm : float
+        Full-face mode: largest distance below the eye plane the region reaches.
     """
 
     eye_rois: tuple[str, ...] = ()
@@ -60,8 +78,19 @@ class DefaceOptions:
     keep_margin_mm: float = 0.0
     preserve_ptvs: bool = True
     eye_check: bool = True
+    mode: str = "default"
+    keep_oars: tuple[str, ...] = ()
+    default_oars: bool = True
+    face_margin_mm: float = DEFAULT_FACE_MARGIN_MM
+    face_depth_mm: float = DEFAULT_FACE_DEPTH_MM
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.face_margin_mm < 0:
+            raise UsageError(f"--face-margin must be >= 0 mm, got {self.face_margin_mm}")
+        if self.face_depth_mm <= 0:
+            raise UsageError(f"--face-depth must be > 0 mm, got {self.face_depth_mm}")
         if self.eyes not in EYE_MODES:
             raise UsageError(f"--eyes must be one of {', '.join(EYE_MODES)}, got {self.eyes!r}")
         if self.keep_margin_mm < 0:
@@ -139,15 +168,35 @@ def find_landmarks(case: Case, options: DefaceOptions) -> EyeLandmarks:
 
 
 def build_region(case: Case, landmarks: EyeLandmarks, options: DefaceOptions) -> DefacingRegion:
-    """R from the landmarks, P from the preserved ROIs of the structure set."""
+    """R from the landmarks (and the face profile in full-face mode), P from the preserved ROIs.
+
+    In full-face mode P also holds the OARs of :func:`rtdeface.fullface.select_oars`.
+    """
     preserved: tuple[RoiSections, ...] = ()
+    full = options.mode == "full-face"
     if case.structure_set is not None:
         rois = select_preserved(case.structure_set.rois, options.keep, options.preserve_ptvs)
+        if full:
+            numbers = {r.number for r in rois}
+            oars = select_oars(case.structure_set.rois, options.keep_oars, options.default_oars)
+            rois += [r for r in oars if r.number not in numbers]
         thickness = case.ct.grid.spacing_mm[0]
         preserved = tuple(
             with_margin(RoiSections.from_roi(r, thickness), options.keep_margin_mm) for r in rois
         )
-    return DefacingRegion(landmarks.z_inferior_mm, landmarks.y_mid_mm, preserved)
+    face = None
+    if full:
+        face = face_profile(
+            case.ct.hu_volume(),
+            case.ct.grid,
+            landmarks.z_inferior_mm,
+            landmarks.y_mid_mm,
+            options.face_margin_mm,
+            options.face_depth_mm,
+        )
+        if face is None:
+            log.warning("full-face: no bone below the eye plane; only the published region is cut")
+    return DefacingRegion(landmarks.z_inferior_mm, landmarks.y_mid_mm, preserved, face)
 
 
 def deface_case(case: Case, options: DefaceOptions | None = None) -> DefacedCase:

@@ -233,6 +233,14 @@ def _draw_planes(
     axes[0].plot([y_lo, region.y_mid_mm], [region.z_inferior_mm] * 2, **cut)
     axes[0].plot([region.y_mid_mm] * 2, [region.z_inferior_mm, sag_ext[3]], **cut)
     axes[1].axhline(region.y_mid_mm, **cut)
+    if region.face is not None and region.face.z_mm.size:
+        # full-face mode: the per-plane limit below the eye plane, one step per profile plane
+        f = region.face
+        axes[0].plot(
+            np.repeat(f.y_mm, 2),
+            np.column_stack([f.z_mm - f.half_thickness_mm, f.z_mm + f.half_thickness_mm]).ravel(),
+            **cut,
+        )
     axes[0].set_xlim(sag_ext[0], sag_ext[1])
     axes[0].set_ylim(sag_ext[2], sag_ext[3])
     axes[1].set_xlim(ax_ext[0], ax_ext[1])
@@ -306,7 +314,8 @@ def render_surface(
 
 def _title(fig: Figure, title: str, region: DefacingRegion) -> None:
     fig.suptitle(
-        f"{title}   cut: z >= {region.z_inferior_mm:.2f} mm and y < {region.y_mid_mm:.2f} mm; "
+        f"{title}   cut: z >= {region.z_inferior_mm:.2f} mm and y < {region.y_mid_mm:.2f} mm"
+        f"{' + full face below the eyes' if region.face is not None else ''}; "
         f"preserved: {', '.join(region.preserved_names) or 'none'}",
         fontsize=9,
     )

@@ -6,6 +6,10 @@ union of the preserved ROIs (PTVs and any ROI the user keeps), each interpreted 
 plane at z an ROI's cross-section is the even-odd composition of its contours on its contour
 plane nearest to z, when that plane is within half the ROI's plane spacing.
 
+In full-face mode (:mod:`rtdeface.fullface`) R also holds, below the eye plane, every point
+anterior to a per-plane limit ``y < y_front(z)`` (a :class:`FaceProfile`); a plane uses the
+nearest profile plane within half its spacing, else no extra region.
+
 Every grid samples C at its own voxel centres (:meth:`DefacingRegion.sample`); contours are
 clipped against :meth:`DefacingRegion.cut_at` on their own planes. No mask is ever resampled
 from one grid to another.
@@ -137,6 +141,60 @@ class RoiSections:
 
 
 @dataclass(frozen=True, eq=False)
+class FaceProfile:
+    """Full-face mode: R below the eye plane is ``y < y_mm`` on the planes ``z_mm``.
+
+    Attributes
+    ----------
+    z_mm : numpy.ndarray, shape (m,)
+        Plane z (mm), increasing (the CT slices the profile was measured on).
+    y_mm : numpy.ndarray, shape (m,)
+        y limit (mm) on each plane: points with smaller y (anterior) are in R.
+    half_thickness_mm : float
+        A plane at z uses the nearest profile plane within this distance, else none.
+    z_chin_mm : float
+        The chin level found (documentation; the planes already encode the extent).
+    """
+
+    z_mm: FloatArray
+    y_mm: FloatArray
+    half_thickness_mm: float
+    z_chin_mm: float
+
+    def at(self, z_mm: float | FloatArray) -> FloatArray:
+        """y limit on the planes ``z_mm`` (NaN where no profile plane stands for z)."""
+        z = np.atleast_1d(np.asarray(z_mm, dtype=np.float64))
+        out = np.full(z.shape, np.nan)
+        if self.z_mm.size == 0:
+            return out
+        idx = np.clip(np.searchsorted(self.z_mm, z), 0, self.z_mm.size - 1)
+        lower = np.clip(idx - 1, 0, self.z_mm.size - 1)
+        near = np.where(np.abs(self.z_mm[lower] - z) <= np.abs(self.z_mm[idx] - z), lower, idx)
+        ok = np.abs(self.z_mm[near] - z) <= self.half_thickness_mm + PLANE_MATCH_ATOL_MM
+        out[ok] = self.y_mm[near[ok]]
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (read back by :meth:`from_dict`)."""
+        return {
+            "z_mm": [float(v) for v in self.z_mm],
+            "y_mm": [float(v) for v in self.y_mm],
+            "half_thickness_mm": float(self.half_thickness_mm),
+            "z_chin_mm": float(self.z_chin_mm),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> FaceProfile:
+        """Inverse of :meth:`to_dict`."""
+        z = np.asarray(d["z_mm"], dtype=np.float64)
+        y = np.asarray(d["y_mm"], dtype=np.float64)
+        order = np.argsort(z, kind="stable")
+        return cls(
+            z[order], y[order], float(str(d["half_thickness_mm"])), float(str(d["z_chin_mm"]))
+        )
+
+
+@dataclass(frozen=True, eq=False)
 class DefacingRegion:
     """R, P and C in patient coordinates.
 
@@ -149,11 +207,15 @@ class DefacingRegion:
         R is ``y < y_mid_mm``.
     preserved : tuple of RoiSections
         The ROIs forming P.
+    face : FaceProfile or None
+        Full-face mode: below the eye plane R is also ``y < face.at(z)``. None: the published
+        region only.
     """
 
     z_inferior_mm: float
     y_mid_mm: float
     preserved: tuple[RoiSections, ...] = ()
+    face: FaceProfile | None = None
     _half_plane: BaseGeometry = field(init=False, repr=False)
     _cache: dict[tuple[str, tuple[int, ...]], BaseGeometry | None] = field(
         init=False, repr=False, default_factory=dict
@@ -178,9 +240,30 @@ class DefacingRegion:
         """Whether planes at ``z_mm`` are at or above the inferior eye plane."""
         return np.asarray(np.asarray(z_mm) >= self.z_inferior_mm - PLANE_MATCH_ATOL_MM)
 
+    def y_limit(self, z_mm: float | FloatArray) -> FloatArray:
+        """R's y limit on the planes ``z_mm``: R there is ``y < limit``; NaN where R is empty.
+
+        ``y_mid_mm`` at or above the eye plane; below it, the face profile (full-face mode).
+        """
+        z = np.atleast_1d(np.asarray(z_mm, dtype=np.float64))
+        above = self.in_region_z(z)
+        out = np.where(above, self.y_mid_mm, np.nan)
+        if self.face is not None and not above.all():
+            out[~above] = self.face.at(z[~above])
+        return np.asarray(out, dtype=np.float64)
+
     def region_at(self, z_mm: float) -> BaseGeometry | None:
-        """R on the plane z (a half plane as a large rectangle), None below the eye plane."""
-        return self._half_plane if bool(self.in_region_z(z_mm)) else None
+        """R on the plane z (a half plane as a large rectangle), None where R is empty."""
+        if bool(self.in_region_z(z_mm)):
+            return self._half_plane
+        if self.face is None:
+            return None
+        lim = float(self.face.at(z_mm)[0])
+        if np.isnan(lim):
+            return None
+        hp = box(-HALF_PLANE_EXTENT_MM, -HALF_PLANE_EXTENT_MM, HALF_PLANE_EXTENT_MM, lim)
+        shapely.prepare(hp)
+        return hp
 
     def _key(self, z_mm: float) -> tuple[int, ...]:
         """Which contour plane of each preserved ROI stands for z (P(z) depends only on it)."""
@@ -203,7 +286,9 @@ class DefacingRegion:
         r = self.region_at(z_mm)
         if r is None:
             return None
-        key = ("C", self._key(z_mm))
+        key: tuple[str, tuple[int, ...]] = ("C", self._key(z_mm))
+        if not bool(self.in_region_z(z_mm)):
+            key = (f"C{float(self.y_limit(z_mm)[0])!r}", key[1])
         if key not in self._cache:
             p = self.preserved_at(z_mm)
             cut = r if p is None else r.difference(p)
@@ -217,7 +302,8 @@ class DefacingRegion:
     def contains_points(self, points_lps_mm: FloatArray) -> BoolArray:
         """Whether each point (n, 3) lies in C (each point judged on its own plane)."""
         pts = np.asarray(points_lps_mm, dtype=np.float64).reshape(-1, 3)
-        inside = self.in_region_z(pts[:, 2]) & (pts[:, 1] < self.y_mid_mm)
+        with np.errstate(invalid="ignore"):
+            inside = pts[:, 1] < self.y_limit(pts[:, 2])
         for n in np.flatnonzero(inside):
             p = self.preserved_at(float(pts[n, 2]))
             if p is not None and shapely.intersects_xy(p, pts[n, 0], pts[n, 1]):
@@ -236,15 +322,15 @@ class DefacingRegion:
         """
         z = grid.slice_z_mm()
         x, y = grid.plane_xy_mm()
-        in_plane = y < self.y_mid_mm
+        limits = self.y_limit(z)
         cut = np.zeros(grid.shape, dtype=bool)
         kept = 0
-        if not in_plane.any():
-            return cut, 0
-        cand = np.flatnonzero(in_plane)
-        cx, cy = x.ravel()[cand], y.ravel()[cand]
-        for k in np.flatnonzero(self.in_region_z(z)):
-            plane = in_plane.copy()
+        for k in np.flatnonzero(np.isfinite(limits)):
+            plane = y < limits[k]
+            if not plane.any():
+                continue
+            cand = np.flatnonzero(plane)
+            cx, cy = x.ravel()[cand], y.ravel()[cand]
             p = self.preserved_at(float(z[k]))
             if p is not None:
                 xmin, ymin, xmax, ymax = p.bounds

@@ -89,6 +89,20 @@ def case_report(
             "y_mid_mm": defaced.region.y_mid_mm,
             "preserved_rois": [name(p.name, p.number) for p in defaced.region.preserved],
             "keep_margin_mm": defaced.options.keep_margin_mm,
+            "mode": defaced.options.mode,
+            **(
+                {
+                    "face_rule": "also, below the eye plane: y < y_front(z) (the bone front "
+                    "minus face_margin_mm) on the planes of face_profile",
+                    "face_margin_mm": defaced.options.face_margin_mm,
+                    "face_depth_mm": defaced.options.face_depth_mm,
+                    "face_profile": defaced.region.face.to_dict()
+                    if defaced.region.face is not None
+                    else None,
+                }
+                if defaced.options.mode == "full-face"
+                else {}
+            ),
         },
         "ct": {
             "shape_kij": list(case.ct.grid.shape),

@@ -109,7 +109,8 @@ def _fmt(v: float) -> str:
 def _ring_points(coords: FloatArray, z_mm: float, y_mid_mm: float) -> list[str]:
     """Contour data strings for a ring (closing vertex dropped), y snapped off the cut line.
 
-    A vertex within rounding of the cut line y = y_mid is written rounded *up* (posterior), so
+    ``y_mid_mm`` is the plane's cut line (y_mid, or the face profile's limit in full-face
+    mode). A vertex within rounding of the cut line is written rounded *up* (posterior), so
     no written point falls into the region through rounding.
     """
     xy = np.asarray(coords, dtype=np.float64)[:, :2]
@@ -202,11 +203,12 @@ def _clip_open(contour: Contour, item: Dataset, region: DefacingRegion) -> list[
             return None
         parts = LineString(pts[:, :2]).difference(cut)
         out = []
+        y_line = float(region.y_limit(contour.z_mm)[0])
         for part in shapely.get_parts(parts):
             if isinstance(part, LineString) and not part.is_empty and len(part.coords) >= 2:
                 data: list[str] = []
                 for x, y in np.asarray(part.coords):
-                    y_out = _snap_y(float(y), region.y_mid_mm)
+                    y_out = _snap_y(float(y), y_line)
                     data.extend((_fmt(float(x)), _fmt(y_out), _fmt(contour.z_mm)))
                 out.append(_new_item(item, "OPEN_PLANAR", data))
         return out
@@ -277,7 +279,7 @@ def deface_structures(
                 [items[c.item_index] for c in group_contours],
                 cut,
                 z,
-                region.y_mid_mm,
+                float(region.y_limit(z)[0]),
             )
             if new is None:
                 continue

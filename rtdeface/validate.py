@@ -15,7 +15,8 @@ by the fewest differing voxels). UIDs and file names are never used to match.
 The cut. R (``z >= z_inferior_mm`` and ``y < y_mid_mm``), P (the preserved ROIs of the
 *original* structure set, grown by the report's ``keep_margin_mm``) and C = R - P are rebuilt
 with :class:`rtdeface.region.DefacingRegion` from the defaced case's ``rtdeface_report.json``
-(or from explicit values) and sampled at each grid's own voxel centres.
+(or from explicit values) and sampled at each grid's own voxel centres. In full-face mode the
+report's ``cut.face_profile`` (per-plane y limits below the eye plane) is part of R.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from rtdeface.load import Case, DoseGrid, Roi, StructureSet
 from rtdeface.phi import scan_phi
 from rtdeface.region import (
     DefacingRegion,
+    FaceProfile,
     RoiSections,
     even_odd,
     group_planes,
@@ -355,6 +357,10 @@ class CutSpec:
         ``report`` or ``options``.
     deid_applied : bool or None
         Whether the output was de-identified (None: unknown, no report).
+    mode : str
+        ``default`` or ``full-face`` (from the report; ``default`` without one).
+    face : FaceProfile or None
+        Full-face mode: the per-plane y limits below the eye plane, from the report.
     """
 
     z_inferior_mm: float
@@ -363,6 +369,8 @@ class CutSpec:
     keep_margin_mm: float = 0.0
     source: str = "options"
     deid_applied: bool | None = None
+    mode: str = "default"
+    face: FaceProfile | None = None
 
 
 def read_cut(defaced_dir: Path, z_mm: float | None = None, y_mm: float | None = None) -> CutSpec:
@@ -387,6 +395,7 @@ def read_cut(defaced_dir: Path, z_mm: float | None = None, y_mm: float | None = 
         )
     preserved = cut.get("preserved_rois")
     deid = report.get("deidentification", {}).get("applied") if report else None
+    profile = cut.get("face_profile")
     return CutSpec(
         z_inferior_mm=float(z),
         y_mid_mm=float(y),
@@ -394,6 +403,8 @@ def read_cut(defaced_dir: Path, z_mm: float | None = None, y_mm: float | None = 
         keep_margin_mm=float(cut.get("keep_margin_mm", 0.0) or 0.0),
         source="report" if report and z_mm is None and y_mm is None else "options",
         deid_applied=None if deid is None else bool(deid),
+        mode=str(cut.get("mode", "default")),
+        face=FaceProfile.from_dict(profile) if isinstance(profile, dict) else None,
     )
 
 
@@ -459,6 +470,8 @@ class CaseValidation:
             else {
                 "z_inferior_mm": self.cut.z_inferior_mm,
                 "y_mid_mm": self.cut.y_mid_mm,
+                "mode": self.cut.mode,
+                "face_profile": self.cut.face.to_dict() if self.cut.face is not None else None,
                 "preserved_rois": None
                 if self.cut.preserved_rois is None
                 else list(self.cut.preserved_rois),
@@ -550,7 +563,8 @@ def build_region(
     sections = tuple(
         with_margin(RoiSections.from_roi(r, thickness), cut.keep_margin_mm) for r in rois
     )
-    return DefacingRegion(cut.z_inferior_mm, cut.y_mid_mm, sections), rois, problems
+    region = DefacingRegion(cut.z_inferior_mm, cut.y_mid_mm, sections, cut.face)
+    return region, rois, problems
 
 
 # --------------------------------------------------------------------------- checks
@@ -702,26 +716,51 @@ def _dice(a: RoiMask, b: RoiMask | None) -> float | None:
 
 
 def _region_voxels(mask: RoiMask, region: DefacingRegion, grid: Grid) -> int:
-    """ROI voxels whose centres lie in R (z >= z_inferior and y < y_mid)."""
+    """ROI voxels whose centres lie in R (``y < region.y_limit(z)`` on their slice)."""
     z = grid.slice_z_mm()
     _, y = grid.plane_xy_mm()
-    anterior = y < region.y_mid_mm
-    in_z = region.in_region_z(z)
+    limits = region.y_limit(z)
     return int(
-        sum(int(np.count_nonzero(m & anterior)) for k, m in mask.slices.items() if bool(in_z[k]))
+        sum(
+            int(np.count_nonzero(m & (y < limits[k])))
+            for k, m in mask.slices.items()
+            if np.isfinite(limits[k])
+        )
     )
+
+
+REGION_OVERLAP_MM2 = 1e-6
+"""An ROI whose contours overlap the cut by more than this area (mm^2) on any plane is 'in the
+region' even when no CT voxel centre of it lies there."""
 
 
 def _roi_group(roi: Roi, mask: RoiMask, region: DefacingRegion, grid: Grid) -> tuple[str, int]:
     zs = [float(c.points_lps_mm[:, 2].max()) for c in roi.contours]
-    if not zs or not bool(region.in_region_z(max(zs))):
+    if not zs:
+        return "below", 0
+    if not bool(region.in_region_z(max(zs))) and (
+        region.face is None
+        or not np.isfinite(
+            region.y_limit(np.concatenate([c.points_lps_mm[:, 2] for c in roi.contours]))
+        ).any()
+    ):
         return "below", 0
     if not any(c.geometric_type == "CLOSED_PLANAR" for c in roi.contours):
         pts = np.concatenate([c.points_lps_mm for c in roi.contours])
-        in_r = region.in_region_z(pts[:, 2]) & (pts[:, 1] < region.y_mid_mm)
+        with np.errstate(invalid="ignore"):
+            in_r = pts[:, 1] < region.y_limit(pts[:, 2])
         return ("in_region", 0) if bool(in_r.any()) else ("on_cut_slices", 0)
     n = _region_voxels(mask, region, grid)
-    return ("in_region", n) if n else ("on_cut_slices", 0)
+    if n:
+        return "in_region", n
+    # no CT voxel centre, but the contours may still overlap the cut by less than a voxel (then
+    # another grid, e.g. a dose grid, can sample that sliver): judge the polygons themselves
+    sections = RoiSections.from_roi(roi, grid.spacing_mm[0])
+    for z, geom in zip(sections.planes_z_mm, sections.geometries):
+        cut = region.cut_at(float(z))
+        if cut is not None and geom.intersection(cut).area > REGION_OVERLAP_MM2:
+            return "in_region", 0
+    return "on_cut_slices", 0
 
 
 def _fmt_f(v: float | None, nd: int = 4) -> str:
@@ -1429,7 +1468,13 @@ def format_case(v: CaseValidation) -> str:
         lines.append(
             f"  cut ({v.cut.source}): z >= {v.cut.z_inferior_mm:.2f} mm, "
             f"y < {v.cut.y_mid_mm:.2f} mm;"
-            f" preserved {', '.join(v.cut.preserved_rois or ()) or '(default rule)'}"
+            + (
+                f" full-face below the eyes on {v.cut.face.z_mm.size} planes "
+                f"(chin level {v.cut.face.z_chin_mm:.1f} mm);"
+                if v.cut.face is not None
+                else ""
+            )
+            + f" preserved {', '.join(v.cut.preserved_rois or ()) or '(default rule)'}"
         )
     for c in v.checks:
         lines.append(f"  {c.status:<5} {c.name:<30} {c.summary}")
