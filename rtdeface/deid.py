@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -63,7 +63,13 @@ from pydicom.tag import BaseTag, Tag
 from rtdeface import __version__
 from rtdeface.annex_e import ACTIONS, EDITION, MASKED_ACTIONS, SOURCE
 from rtdeface.errors import InputError, UsageError
-from rtdeface.uids import DEFAULT_UID_ROOT, REGISTERED_UID_ROOT, UidMapper, remap_uids
+from rtdeface.uids import (
+    DEFAULT_UID_ROOT,
+    REGISTERED_UID_ROOT,
+    UidMapper,
+    element_vr,
+    remap_uids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -629,18 +635,6 @@ def _str_values(value: object) -> list[str]:
 
 def _pn_parts(value: str) -> list[str]:
     return [p for p in re.split(r"[\^=\s,]+", value.lower()) if p]
-
-
-def element_vr(ds: Dataset, tag: BaseTag) -> str:
-    """VR of ``ds[tag]`` without converting a raw value (dictionary VR when implicit)."""
-    raw = ds.get_item(tag)
-    vr = getattr(raw, "VR", None)
-    if vr:
-        return str(vr)
-    try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return "UN"
 
 
 def iter_elements(

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from rtdeface.ct import CtResult, deface_ct
 from rtdeface.dose import DoseResult, deface_dose
 from rtdeface.errors import LandmarkError, UsageError
+from rtdeface.eyefinder import find_eyes_in_image
 from rtdeface.fullface import (
     DEFAULT_FACE_DEPTH_MM,
     DEFAULT_FACE_MARGIN_MM,
@@ -127,8 +132,30 @@ class DefacedCase:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
-def find_landmarks(case: Case, options: DefaceOptions) -> EyeLandmarks:
-    """Eye landmarks from contours and/or the image, as ``options.eyes`` says."""
+HuProvider = Callable[[], npt.NDArray[np.float32]]
+"""Returns the CT in HU, shape (nk, ni, nj); decoded at most once per case."""
+
+
+def once(case: Case) -> HuProvider:
+    """A provider decoding ``case.ct`` to HU on first use and returning the same array after."""
+    cache: list[npt.NDArray[np.float32]] = []
+
+    def hu() -> npt.NDArray[np.float32]:
+        if not cache:
+            cache.append(case.ct.hu_volume())
+        return cache[0]
+
+    return hu
+
+
+def find_landmarks(
+    case: Case, options: DefaceOptions, hu: HuProvider | None = None
+) -> EyeLandmarks:
+    """Eye landmarks from contours and/or the image, as ``options.eyes`` says.
+
+    ``hu`` supplies the CT in HU for the image search (default: decode it on demand).
+    """
+    hu = hu or case.ct.hu_volume
     thickness = case.ct.grid.spacing_mm[0]
     contour_error: LandmarkError | None = None
     if options.eyes in ("auto", "contours"):
@@ -145,10 +172,8 @@ def find_landmarks(case: Case, options: DefaceOptions) -> EyeLandmarks:
                 contour_error = exc
             else:
                 if options.eyes == "auto" and options.eye_check:
-                    from rtdeface.eyefinder import find_eyes_in_image
-
                     try:
-                        image = find_eyes_in_image(case.ct.hu_volume(), case.ct.grid)
+                        image = find_eyes_in_image(hu(), case.ct.grid)
                     except LandmarkError as exc:
                         return cross_check(contoured, None, str(exc))
                     return cross_check(contoured, image)
@@ -156,22 +181,22 @@ def find_landmarks(case: Case, options: DefaceOptions) -> EyeLandmarks:
         if options.eyes == "contours" or options.eye_rois:
             raise contour_error
     try:
-        from rtdeface.eyefinder import find_eyes_in_image
-    except ImportError as exc:  # pragma: no cover - the module ships with the package
-        raise contour_error or LandmarkError(str(exc)) from exc
-    try:
-        return find_eyes_in_image(case.ct.hu_volume(), case.ct.grid)
+        return find_eyes_in_image(hu(), case.ct.grid)
     except LandmarkError as exc:
         if contour_error is not None:
             raise LandmarkError(f"{contour_error} (image search also failed: {exc})") from exc
         raise
 
 
-def build_region(case: Case, landmarks: EyeLandmarks, options: DefaceOptions) -> DefacingRegion:
+def build_region(
+    case: Case, landmarks: EyeLandmarks, options: DefaceOptions, hu: HuProvider | None = None
+) -> DefacingRegion:
     """R from the landmarks (and the face profile in full-face mode), P from the preserved ROIs.
 
-    In full-face mode P also holds the OARs of :func:`rtdeface.fullface.select_oars`.
+    In full-face mode P also holds the OARs of :func:`rtdeface.fullface.select_oars`; ``hu``
+    supplies the CT in HU for the face profile (default: decode it on demand).
     """
+    hu = hu or case.ct.hu_volume
     preserved: tuple[RoiSections, ...] = ()
     full = options.mode == "full-face"
     if case.structure_set is not None:
@@ -187,7 +212,7 @@ def build_region(case: Case, landmarks: EyeLandmarks, options: DefaceOptions) ->
     face = None
     if full:
         face = face_profile(
-            case.ct.hu_volume(),
+            hu(),
             case.ct.grid,
             landmarks.z_inferior_mm,
             landmarks.y_mid_mm,
@@ -204,10 +229,11 @@ def deface_case(case: Case, options: DefaceOptions | None = None) -> DefacedCase
     options = options or DefaceOptions()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    landmarks = find_landmarks(case, options)
+    hu = once(case)  # the image search and the face profile share one decoded volume
+    landmarks = find_landmarks(case, options, hu)
     timings["landmarks"] = time.perf_counter() - t0
     t = time.perf_counter()
-    region = build_region(case, landmarks, options)
+    region = build_region(case, landmarks, options, hu)
     cut, kept = region.sample(case.ct.grid)
     ct = deface_ct(case.ct, cut)
     timings["ct"] = time.perf_counter() - t
