@@ -16,10 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_sequence
 from pydicom.sequence import Sequence as DicomSequence
 
+from rtdeface import rawseq
 from rtdeface.discover import (
     CaseFiles,
     FileRecord,
@@ -217,11 +221,14 @@ class StructureSet:
         Source file.
     rois : tuple of Roi
         In StructureSetROISequence order.
+    raw_contours : RawContours or None
+        The ROIContourSequence bytes and layout (None when the structure set has none).
     """
 
     dataset: Dataset
     path: Path
     rois: tuple[Roi, ...]
+    raw_contours: RawContours | None = None
 
     def roi(self, number: int) -> Roi:
         """The ROI with this ROINumber."""
@@ -406,6 +413,15 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
 
 
 CONTOUR_DATA_TAG = 0x30060050
+"""(3006,0050) ContourData."""
+ROI_CONTOUR_SEQUENCE_TAG = 0x30060039
+"""(3006,0039) ROIContourSequence."""
+CONTOUR_SEQUENCE_TAG = 0x30060040
+"""(3006,0040) ContourSequence."""
+CONTOUR_GEOMETRIC_TYPE_TAG = 0x30060042
+"""(3006,0042) ContourGeometricType."""
+REFERENCED_ROI_NUMBER_TAG = 0x30060084
+"""(3006,0084) ReferencedROINumber."""
 
 
 def contour_data_array(item: Dataset) -> FloatArray:
@@ -419,15 +435,20 @@ def contour_data_array(item: Dataset) -> FloatArray:
     raw = item.get_item(CONTOUR_DATA_TAG)
     value = raw.value
     if isinstance(value, bytes):
-        text = value.strip(b" \x00")
-        if not text:
-            return np.zeros(0, dtype=np.float64)
-        return np.asarray(text.split(b"\\"), dtype=np.float64)
+        return ds_array(value)
     if value is None:
         return np.zeros(0, dtype=np.float64)
     if isinstance(value, (str, float, int)):
         return np.asarray([float(value)], dtype=np.float64)
     return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def ds_array(value: bytes) -> FloatArray:
+    """A raw multi-valued DS value (``b"1.5\\-2\\3 "``) as a flat float64 array."""
+    text = value.strip(b" \x00")
+    if not text:
+        return np.zeros(0, dtype=np.float64)
+    return np.asarray(text.split(b"\\"), dtype=np.float64)
 
 
 CONTOUR_TYPES = ("CLOSED_PLANAR", "OPEN_PLANAR", "OPEN_NONPLANAR", "POINT")
@@ -437,9 +458,12 @@ composed even-odd here)."""
 
 def _roi_number(item: Dataset, keyword: str, path: Path, where: str) -> int:
     """An ROI number attribute as int, or an InputError naming the item."""
-    value = item.get(keyword)
+    return _as_roi_number(item.get(keyword), keyword, path, where)
+
+
+def _as_roi_number(value: object, keyword: str, path: Path, where: str) -> int:
     try:
-        return int(value)
+        return int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise InputError(
             f"{path}: {where} has no valid {keyword} ({value!r}); the structure set is corrupt, "
@@ -447,78 +471,107 @@ def _roi_number(item: Dataset, keyword: str, path: Path, where: str) -> int:
         ) from None
 
 
+@dataclass(frozen=True, eq=False)
+class RawContours:
+    """The ROIContourSequence of a structure set as raw bytes, with its item layout.
+
+    Kept so that :mod:`rtdeface.structures` copies the items of unchanged ROIs and contours
+    byte for byte and rebuilds only what the cut changes (see :mod:`rtdeface.rawseq`).
+
+    Attributes
+    ----------
+    value : bytes
+        The sequence value (its items).
+    codec : rawseq.Codec
+        Encoding of ``value``.
+    roi_items : tuple of rawseq.RawItem
+        ROIContourSequence items, stored order.
+    numbers : tuple of int
+        ReferencedROINumber of each item.
+    contour_items : tuple of tuple of rawseq.RawItem
+        ContourSequence items of each ROI item (empty when it has none).
+    """
+
+    value: bytes
+    codec: rawseq.Codec
+    roi_items: tuple[rawseq.RawItem, ...]
+    numbers: tuple[int, ...]
+    contour_items: tuple[tuple[rawseq.RawItem, ...], ...]
+
+    def index_of(self, number: int) -> int:
+        """Position of the ROI's item, or -1."""
+        try:
+            return self.numbers.index(number)
+        except ValueError:
+            return -1
+
+
+def _dataset_codec(ds: Dataset) -> rawseq.Codec:
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if ts is not None:
+            implicit, little = bool(ts.is_implicit_VR), bool(ts.is_little_endian)
+        else:
+            implicit, little = False, True
+    return rawseq.Codec(bool(implicit), bool(little))
+
+
+def raw_sequence_value(ds: Dataset, tag: int) -> tuple[bytes, rawseq.Codec]:
+    """The value bytes of a sequence element of ``ds`` and their encoding.
+
+    A raw (unparsed) element gives its bytes as read; a parsed one is encoded here (in the
+    dataset's original encoding), so callers have one representation either way.
+    """
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        if elem.value is None:
+            return b"", rawseq.Codec(bool(elem.is_implicit_VR), bool(elem.is_little_endian))
+        if elem.VR not in (None, "SQ", "UN"):
+            raise InputError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is {elem.VR}, not SQ")
+        return bytes(elem.value), rawseq.Codec(
+            bool(elem.is_implicit_VR), bool(elem.is_little_endian)
+        )
+    codec = _dataset_codec(ds)
+    fp = DicomBytesIO()
+    fp.is_little_endian = codec.little
+    fp.is_implicit_VR = codec.implicit
+    write_sequence(fp, elem, [default_encoding])
+    return fp.getvalue(), codec
+
+
 def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
     """Read ROIs and contours (patient mm) of an RTSTRUCT, matching sequences by ROINumber.
+
+    The ROIContourSequence is read from its raw bytes (:func:`raw_contours`); the returned
+    dataset is ``ds`` itself, unparsed.
 
     Raises
     ------
     InputError
-        Malformed ContourData (not a multiple of 3, non-numeric) or duplicate ROINumbers.
+        Malformed ContourData (not a multiple of 3, non-numeric), duplicate ROINumbers or
+        corrupt sequence bytes.
     GeometryError
         A planar contour whose points do not share one z (non-axial contour planes).
     """
-    pristine = ds
-    ds = copy_dataset(ds)  # parse a copy: the returned dataset keeps its raw, unparsed elements
+    small = Dataset()  # the small sequences, parsed on a shallow copy (ds stays unparsed)
+    for keyword in ("RTROIObservationsSequence", "StructureSetROISequence"):
+        if keyword in ds:
+            small[keyword] = copy_dataset_element(ds, keyword)
     types: dict[int, str] = {}
-    for n, obs in enumerate(ds.get("RTROIObservationsSequence", []) or []):
+    for n, obs in enumerate(small.get("RTROIObservationsSequence", []) or []):
         if obs.get("ReferencedROINumber") not in (None, ""):
             number = _roi_number(obs, "ReferencedROINumber", path, f"RTROIObservations item {n}")
             types[number] = str(obs.get("RTROIInterpretedType", "") or "")
+    ssrois = list(small.get("StructureSetROISequence", []) or [])
     ssroi_numbers = [
         _roi_number(ssr, "ROINumber", path, f"StructureSetROISequence item {n}")
-        for n, ssr in enumerate(ds.get("StructureSetROISequence", []) or [])
+        for n, ssr in enumerate(ssrois)
     ]
-    contours_by_roi: dict[int, list[Contour]] = {}
-    for n, rc in enumerate(ds.get("ROIContourSequence", []) or []):
-        number = _roi_number(rc, "ReferencedROINumber", path, f"ROIContourSequence item {n}")
-        if number in contours_by_roi:
-            raise InputError(
-                f"{path}: ROI {number} has two ROIContourSequence items; the structure set is "
-                "corrupt, re-export it"
-            )
-        if number not in ssroi_numbers:
-            raise InputError(
-                f"{path}: ROIContourSequence item {n} references ROI {number}, which is not in "
-                "StructureSetROISequence; the structure set is corrupt, re-export it"
-            )
-        items: list[Contour] = []
-        for idx, item in enumerate(rc.get("ContourSequence", []) or []):
-            gtype = str(item.get("ContourGeometricType", "CLOSED_PLANAR") or "CLOSED_PLANAR")
-            if gtype == "CLOSEDPLANAR_XOR":  # already an even-odd composition
-                gtype = "CLOSED_PLANAR"
-            if gtype not in CONTOUR_TYPES:
-                raise InputError(
-                    f"{path}: ROI {number} contour {idx}: unknown ContourGeometricType "
-                    f"{gtype!r}; expected one of {', '.join(CONTOUR_TYPES)}"
-                )
-            try:
-                pts = contour_data_array(item)
-            except (TypeError, ValueError) as exc:
-                raise InputError(
-                    f"{path}: ROI {number} contour {idx}: ContourData is not numeric; the "
-                    "structure set is corrupt, re-export it"
-                ) from exc
-            if pts.size == 0:
-                continue
-            if pts.size % 3:
-                raise InputError(
-                    f"{path}: ROI {number} contour {idx}: ContourData has {pts.size} values, "
-                    "not a multiple of 3; the structure set is corrupt, re-export it"
-                )
-            pts = pts.reshape(-1, 3)
-            if (
-                gtype in ("CLOSED_PLANAR", "OPEN_PLANAR")
-                and np.ptp(pts[:, 2]) > PLANE_MATCH_ATOL_MM
-            ):
-                raise GeometryError(
-                    f"{path}: ROI {number} contour {idx} is not on an axial plane (z spans "
-                    f"{np.ptp(pts[:, 2]):.2f} mm); only axial contours are supported"
-                )
-            items.append(Contour(gtype, pts, idx))
-        contours_by_roi[number] = items
+    raw, contours_by_roi = _read_roi_contours(ds, path, set(ssroi_numbers))
     rois: list[Roi] = []
     seen: set[int] = set()
-    for ssr, number in zip(ds.get("StructureSetROISequence", []) or [], ssroi_numbers):
+    for ssr, number in zip(ssrois, ssroi_numbers):
         if number in seen:
             raise InputError(
                 f"{path}: ROINumber {number} appears twice; the structure set is corrupt"
@@ -532,7 +585,111 @@ def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
                 contours=tuple(contours_by_roi.get(number, [])),
             )
         )
-    return StructureSet(dataset=pristine, path=path, rois=tuple(rois))
+    return StructureSet(dataset=ds, path=path, rois=tuple(rois), raw_contours=raw)
+
+
+def copy_dataset_element(ds: Dataset, keyword: str) -> DataElement | RawDataElement:
+    """The element of ``ds`` for ``keyword``, copied so that parsing it leaves ``ds`` raw."""
+    elem = ds.get_item(keyword)
+    if isinstance(elem, RawDataElement):
+        return elem
+    return copy.deepcopy(elem)
+
+
+def _read_roi_contours(
+    ds: Dataset, path: Path, ssroi_numbers: set[int]
+) -> tuple[RawContours | None, dict[int, list[Contour]]]:
+    """Parse the ROIContourSequence from its raw bytes: contours by ROI number."""
+    contours_by_roi: dict[int, list[Contour]] = {}
+    if ROI_CONTOUR_SEQUENCE_TAG not in ds:
+        return None, contours_by_roi
+    value, codec = raw_sequence_value(ds, ROI_CONTOUR_SEQUENCE_TAG)
+    roi_items: list[rawseq.RawItem] = []
+    numbers: list[int] = []
+    all_contour_items: list[tuple[rawseq.RawItem, ...]] = []
+    try:
+        for n, rc in enumerate(rawseq.items(value, codec)):
+            number_text: object = None
+            contour_seq: rawseq.RawElement | None = None
+            for e in rawseq.item_elements(value, codec, rc):
+                if e.tag == REFERENCED_ROI_NUMBER_TAG:
+                    number_text = rawseq.text(value, e) or None
+                elif e.tag == CONTOUR_SEQUENCE_TAG:
+                    contour_seq = e
+            where = f"ROIContourSequence item {n}"
+            number = _as_roi_number(number_text, "ReferencedROINumber", path, where)
+            if number in contours_by_roi:
+                raise InputError(
+                    f"{path}: ROI {number} has two ROIContourSequence items; the structure set "
+                    "is corrupt, re-export it"
+                )
+            if number not in ssroi_numbers:
+                raise InputError(
+                    f"{path}: ROIContourSequence item {n} references ROI {number}, which is not "
+                    "in StructureSetROISequence; the structure set is corrupt, re-export it"
+                )
+            citems: tuple[rawseq.RawItem, ...] = ()
+            if contour_seq is not None:
+                citems = tuple(
+                    rawseq.items(value, codec, contour_seq.value_start, contour_seq.value_end)
+                )
+            contours_by_roi[number] = [
+                c
+                for idx, item in enumerate(citems)
+                if (c := _read_contour(value, codec, item, idx, number, path)) is not None
+            ]
+            roi_items.append(rc)
+            numbers.append(number)
+            all_contour_items.append(citems)
+    except rawseq.RawSequenceError as exc:
+        raise InputError(
+            f"{path}: ROIContourSequence is corrupt ({exc}); re-export the structure set"
+        ) from exc
+    raw = RawContours(value, codec, tuple(roi_items), tuple(numbers), tuple(all_contour_items))
+    return raw, contours_by_roi
+
+
+def _read_contour(
+    value: bytes, codec: rawseq.Codec, item: rawseq.RawItem, idx: int, number: int, path: Path
+) -> Contour | None:
+    """One contour item (None when it has no points)."""
+    gtype = "CLOSED_PLANAR"
+    data: rawseq.RawElement | None = None
+    for e in rawseq.item_elements(value, codec, item):
+        if e.tag == CONTOUR_GEOMETRIC_TYPE_TAG:
+            gtype = rawseq.text(value, e) or "CLOSED_PLANAR"
+        elif e.tag == CONTOUR_DATA_TAG:
+            data = e
+    if gtype == "CLOSEDPLANAR_XOR":  # already an even-odd composition
+        gtype = "CLOSED_PLANAR"
+    if gtype not in CONTOUR_TYPES:
+        raise InputError(
+            f"{path}: ROI {number} contour {idx}: unknown ContourGeometricType "
+            f"{gtype!r}; expected one of {', '.join(CONTOUR_TYPES)}"
+        )
+    if data is None:
+        return None
+    try:
+        pts = ds_array(value[data.value_start : data.value_end])
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"{path}: ROI {number} contour {idx}: ContourData is not numeric; the "
+            "structure set is corrupt, re-export it"
+        ) from exc
+    if pts.size == 0:
+        return None
+    if pts.size % 3:
+        raise InputError(
+            f"{path}: ROI {number} contour {idx}: ContourData has {pts.size} values, "
+            "not a multiple of 3; the structure set is corrupt, re-export it"
+        )
+    pts = pts.reshape(-1, 3)
+    if gtype in ("CLOSED_PLANAR", "OPEN_PLANAR") and np.ptp(pts[:, 2]) > PLANE_MATCH_ATOL_MM:
+        raise GeometryError(
+            f"{path}: ROI {number} contour {idx} is not on an axial plane (z spans "
+            f"{np.ptp(pts[:, 2]):.2f} mm); only axial contours are supported"
+        )
+    return Contour(gtype, pts, idx)
 
 
 def load_dose(ds: Dataset, path: Path) -> DoseGrid:

@@ -10,7 +10,6 @@ removed from StructureSetROISequence, ROIContourSequence and RTROIObservationsSe
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -19,22 +18,23 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import shapely
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
 from shapely.geometry import LineString, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
+from rtdeface import rawseq
 from rtdeface.landmarks import closed_volume_ml
 from rtdeface.load import (
     CONTOUR_DATA_TAG,
+    CONTOUR_GEOMETRIC_TYPE_TAG,
+    CONTOUR_SEQUENCE_TAG,
+    ROI_CONTOUR_SEQUENCE_TAG,
     Contour,
+    RawContours,
     Roi,
     StructureSet,
-    contour_data_array,
     copy_dataset,
-    copy_encoding,
 )
 from rtdeface.region import DefacingRegion, even_odd, group_planes, polygon_from_points
 
@@ -44,6 +44,15 @@ FloatArray = npt.NDArray[np.float64]
 
 COORD_DECIMALS = 6
 """Decimals (mm) written for new contour coordinates (DS values are at most 16 characters)."""
+
+CONTOUR_IMAGE_SEQUENCE_TAG = 0x30060016
+"""(3006,0016) ContourImageSequence."""
+NUMBER_OF_CONTOUR_POINTS_TAG = 0x30060046
+"""(3006,0046) NumberOfContourPoints."""
+CONTOUR_NUMBER_TAG = 0x30060048
+"""(3006,0048) ContourNumber."""
+ATTACHED_CONTOURS_TAG = 0x30060049
+"""(3006,0049) AttachedContours."""
 
 MIN_RING_AREA_MM2 = 1e-6
 """Rings smaller than this (numerical slivers of the clipping) are not written."""
@@ -150,27 +159,22 @@ def _polygon_rings(geom: BaseGeometry) -> list[FloatArray]:
     return rings
 
 
-def _new_item(template: Dataset, gtype: str, data: list[str]) -> Dataset:
-    item = Dataset()
-    copy_encoding(template, item)
-    if "ContourImageSequence" in template:
-        item.ContourImageSequence = copy.deepcopy(template.ContourImageSequence)
-    item.ContourGeometricType = gtype
-    item.NumberOfContourPoints = len(data) // 3
-    raw = "\\".join(data).encode("ascii")
-    if len(raw) % 2:
-        raw += b" "
-    # a raw element: written as formatted, without building one DSfloat per coordinate
-    item[CONTOUR_DATA_TAG] = RawDataElement(
-        Tag(CONTOUR_DATA_TAG), "DS", len(raw), raw, 0, False, True
-    )
-    return item
+@dataclass(frozen=True)
+class NewContour:
+    """A contour written by the cut: type and ContourData strings (x, y, z per point)."""
+
+    geometric_type: str
+    data: tuple[str, ...]
+
+    def points_lps_mm(self) -> FloatArray:
+        """The points as written, shape (n, 3), mm."""
+        return np.asarray(self.data, dtype=np.float64).reshape(-1, 3)
 
 
 def _clip_closed_plane(
-    contours: Sequence[Contour], items: Sequence[Dataset], cut: BaseGeometry, z: float, y_mid: float
-) -> list[Dataset] | None:
-    """New items for one plane, or None when no contour of the plane meets the cut.
+    contours: Sequence[Contour], cut: BaseGeometry, z: float, y_mid: float
+) -> list[NewContour] | None:
+    """New contours for one plane, or None when no contour of the plane meets the cut.
 
     A plane meets the cut when any contour outline (or its even-odd area) does, so duplicate
     or cancelling contours and degenerate (point/line) contours in the cut cannot survive;
@@ -183,14 +187,13 @@ def _clip_closed_plane(
     if not meets:
         return None
     remaining = section.difference(cut) if not section.is_empty else Polygon()
-    template = items[0]
     return [
-        _new_item(template, "CLOSED_PLANAR", _ring_points(ring, z, y_mid))
+        NewContour("CLOSED_PLANAR", tuple(_ring_points(ring, z, y_mid)))
         for ring in _polygon_rings(remaining)
     ]
 
 
-def _clip_open(contour: Contour, item: Dataset, region: DefacingRegion) -> list[Dataset] | None:
+def _clip_open(contour: Contour, region: DefacingRegion) -> list[NewContour] | None:
     pts = contour.points_lps_mm
     inside = region.contains_points(pts)
     if not inside.any():
@@ -210,7 +213,7 @@ def _clip_open(contour: Contour, item: Dataset, region: DefacingRegion) -> list[
                 for x, y in np.asarray(part.coords):
                     y_out = _snap_y(float(y), y_line)
                     data.extend((_fmt(float(x)), _fmt(y_out), _fmt(contour.z_mm)))
-                out.append(_new_item(item, "OPEN_PLANAR", data))
+                out.append(NewContour("OPEN_PLANAR", tuple(data)))
         return out
     # OPEN_NONPLANAR: keep runs of >= 2 consecutive vertices outside the cut
     out = []
@@ -220,10 +223,10 @@ def _clip_open(contour: Contour, item: Dataset, region: DefacingRegion) -> list[
             run.append(p)
             continue
         if len(run) >= 2:
-            out.append(_new_item(item, "OPEN_NONPLANAR", [_fmt(float(v)) for q in run for v in q]))
+            out.append(NewContour("OPEN_NONPLANAR", tuple(_fmt(float(v)) for q in run for v in q)))
         run = []
     if len(run) >= 2:
-        out.append(_new_item(item, "OPEN_NONPLANAR", [_fmt(float(v)) for q in run for v in q]))
+        out.append(NewContour("OPEN_NONPLANAR", tuple(_fmt(float(v)) for q in run for v in q)))
     return out
 
 
@@ -235,35 +238,111 @@ def _unchanged(roi: Roi, preserved: bool, volume_ml: float) -> RoiChange:
     )
 
 
+def _encode_contour(
+    raw: RawContours, template: rawseq.RawItem, new: NewContour, number: int | None
+) -> bytes:
+    """A new ContourSequence item: the template's ContourImageSequence, type, count, data."""
+    codec, value = raw.codec, raw.value
+    parts: list[bytes] = []
+    for e in rawseq.item_elements(value, codec, template):
+        if e.tag == CONTOUR_IMAGE_SEQUENCE_TAG:
+            parts.append(value[e.start : e.end])
+    gtype = new.geometric_type.encode("ascii")
+    parts.append(
+        rawseq.encode_element(CONTOUR_GEOMETRIC_TYPE_TAG, "CS", rawseq.pad(gtype, "CS"), codec)
+    )
+    count = str(len(new.data) // 3).encode("ascii")
+    parts.append(
+        rawseq.encode_element(NUMBER_OF_CONTOUR_POINTS_TAG, "IS", rawseq.pad(count, "IS"), codec)
+    )
+    if number is not None:
+        parts.append(_contour_number(number, codec))
+    data = "\\".join(new.data).encode("ascii")
+    parts.append(rawseq.encode_element(CONTOUR_DATA_TAG, "DS", rawseq.pad(data, "DS"), codec))
+    return rawseq.encode_item(b"".join(parts), codec)
+
+
+def _contour_number(number: int, codec: rawseq.Codec) -> bytes:
+    text = rawseq.pad(str(number).encode("ascii"), "IS")
+    return rawseq.encode_element(CONTOUR_NUMBER_TAG, "IS", text, codec)
+
+
+def _rebuild_roi_item(
+    raw: RawContours,
+    index: int,
+    kept: dict[int, list[NewContour] | None],
+    empty: set[int],
+) -> tuple[bytes, int]:
+    """The ROIContourSequence item of a changed ROI, and its number of contour items.
+
+    ``kept`` maps each ContourSequence item index to its replacement (None: keep as it is);
+    indices in neither ``kept`` nor the item list's range are dropped; ``empty`` items (no
+    points) are dropped. Unchanged contour items are copied byte for byte unless the ROI
+    numbers its contours (ContourNumber is renumbered and AttachedContours dropped, as in
+    every rewritten item).
+    """
+    value, codec = raw.value, raw.codec
+    citems = raw.contour_items[index]
+    layouts = [rawseq.item_elements(value, codec, it) for it in citems]
+    numbered = any(e.tag == CONTOUR_NUMBER_TAG for els in layouts for e in els)
+    out: list[bytes] = []
+    n = 0
+    for i, item in enumerate(citems):
+        if i in empty or i not in kept:
+            continue
+        replacement = kept[i]
+        if replacement is None:
+            n += 1
+            attached = any(e.tag == ATTACHED_CONTOURS_TAG for e in layouts[i])
+            if numbered or attached:
+                edits: dict[int, bytes | None] = {ATTACHED_CONTOURS_TAG: None}
+                if numbered:
+                    edits[CONTOUR_NUMBER_TAG] = _contour_number(n, codec)
+                out.append(rawseq.rebuild_item(value, codec, item, edits))
+            else:
+                out.append(value[item.start : item.end])
+            continue
+        for new in replacement:
+            n += 1
+            out.append(_encode_contour(raw, item, new, n if numbered else None))
+    seq = rawseq.encode_element(CONTOUR_SEQUENCE_TAG, "SQ", b"".join(out), codec)
+    item = raw.roi_items[index]
+    return rawseq.rebuild_item(value, codec, item, {CONTOUR_SEQUENCE_TAG: seq}), n
+
+
 def deface_structures(
     structure_set: StructureSet, region: DefacingRegion, default_thickness_mm: float
 ) -> StructuresResult:
     """Clip every non-preserved ROI of ``structure_set`` against the cut of ``region``.
 
+    The ROIContourSequence is rebuilt from its raw bytes: items of unchanged ROIs and
+    unchanged contours are copied byte for byte, so a large structure set is never parsed
+    into datasets or encoded again.
+
     Parameters
     ----------
     structure_set : StructureSet
-        The loaded structure set (its dataset is deep-copied, never modified).
+        The loaded structure set (its dataset is copied, never modified).
     region : DefacingRegion
         R and P; ROIs whose number is in ``region.preserved_numbers`` are not touched.
     default_thickness_mm : float
         Slab thickness for volumes of single-plane ROIs (the CT slice spacing).
     """
     ds = copy_dataset(structure_set.dataset)
+    raw = structure_set.raw_contours
     preserved = set(region.preserved_numbers)
-    rc_by_number = {int(rc.ReferencedROINumber): rc for rc in ds.get("ROIContourSequence", [])}
     changes: list[RoiChange] = []
     removed_numbers: set[int] = set()
+    rebuilt: dict[int, bytes] = {}  # ROIContourSequence item index -> new item bytes
     for roi in structure_set.rois:
-        rc = rc_by_number.get(roi.number)
+        index = raw.index_of(roi.number) if raw is not None else -1
         n_before = len(roi.contours)
         vol_before = closed_volume_ml(roi.contours, default_thickness_mm)
         is_kept = roi.number in preserved
-        if is_kept or rc is None or "ContourSequence" not in rc or not roi.contours:
+        if is_kept or raw is None or index < 0 or not roi.contours:
             changes.append(_unchanged(roi, is_kept, vol_before))
             continue
-        items = list(rc.ContourSequence)
-        replacement: dict[int, list[Dataset]] = {}  # first item index of a group -> new items
+        replacement: dict[int, list[NewContour]] = {}  # first item index of a group -> new
         dropped: set[int] = set()
         planes_changed = 0
         closed = [c for c in roi.contours if c.geometric_type == "CLOSED_PLANAR"]
@@ -274,13 +353,7 @@ def deface_structures(
             if cut is None:
                 continue
             group_contours = [closed[g] for g in group]
-            new = _clip_closed_plane(
-                group_contours,
-                [items[c.item_index] for c in group_contours],
-                cut,
-                z,
-                float(region.y_limit(z)[0]),
-            )
+            new = _clip_closed_plane(group_contours, cut, z, float(region.y_limit(z)[0]))
             if new is None:
                 continue
             planes_changed += 1
@@ -290,30 +363,33 @@ def deface_structures(
         for c in roi.contours:
             if c.geometric_type == "CLOSED_PLANAR":
                 continue
-            new = _clip_open(c, items[c.item_index], region)
+            new = _clip_open(c, region)
             if new is not None:
                 planes_changed += 1
                 replacement[c.item_index] = new
         if not replacement:
             changes.append(_unchanged(roi, False, vol_before))
             continue
-        new_items: list[Dataset] = []
-        empty_indices = {i for i, it in enumerate(items) if contour_data_array(it).size == 0}
-        for i, item in enumerate(items):
-            if i in dropped or i in empty_indices:
+        with_points = {c.item_index for c in roi.contours}
+        n_items = len(raw.contour_items[index])
+        empty = set(range(n_items)) - with_points
+        kept: dict[int, list[NewContour] | None] = {
+            i: replacement.get(i) for i in range(n_items) if i not in dropped
+        }
+        rebuilt[index], n_after = _rebuild_roi_item(raw, index, kept, empty)
+        by_index = {c.item_index: c for c in roi.contours}
+        after = []
+        for i in sorted(kept):
+            if i in empty:
                 continue
-            new_items.extend(replacement.get(i, [item]))
-        for n, item in enumerate(new_items, start=1):
-            if "ContourNumber" in item or any("ContourNumber" in it for it in items):
-                item.ContourNumber = n
-            item.pop("AttachedContours", None)
-        rc.ContourSequence = DicomSequence(new_items)
-        after = [
-            Contour(str(it.ContourGeometricType), contour_data_array(it).reshape(-1, 3), i)
-            for i, it in enumerate(new_items)
-        ]
+            if kept[i] is None:
+                after.append(by_index[i])
+            else:
+                after.extend(
+                    Contour(nc.geometric_type, nc.points_lps_mm(), -1) for nc in kept[i] or []
+                )
         vol_after = closed_volume_ml(after, default_thickness_mm)
-        removed = len(new_items) == 0
+        removed = n_after == 0
         if removed:
             removed_numbers.add(roi.number)
         changes.append(
@@ -326,9 +402,18 @@ def deface_structures(
                 vol_after,
                 planes_changed,
                 n_before,
-                len(new_items),
+                n_after,
                 removed,
             )
+        )
+    if raw is not None and (rebuilt or removed_numbers):
+        parts = []
+        for index, (item, number) in enumerate(zip(raw.roi_items, raw.numbers)):
+            if number in removed_numbers:
+                continue
+            parts.append(rebuilt.get(index, raw.value[item.start : item.end]))
+        ds[ROI_CONTOUR_SEQUENCE_TAG] = rawseq.raw_sequence_element(
+            ROI_CONTOUR_SEQUENCE_TAG, b"".join(parts), raw.codec
         )
     if removed_numbers:
         _remove_rois(ds, removed_numbers)
@@ -338,12 +423,12 @@ def deface_structures(
 
 
 def _remove_rois(ds: Dataset, numbers: set[int]) -> None:
-    """Remove ROIs from all three sequences (matched through ROINumber, not position)."""
+    """Remove ROIs from the two small ROI sequences (matched through ROINumber, not position).
+
+    ROIContourSequence items are dropped when it is rebuilt (:func:`deface_structures`).
+    """
     ds.StructureSetROISequence = DicomSequence(
         [s for s in ds.StructureSetROISequence if int(s.ROINumber) not in numbers]
-    )
-    ds.ROIContourSequence = DicomSequence(
-        [s for s in ds.ROIContourSequence if int(s.ReferencedROINumber) not in numbers]
     )
     if "RTROIObservationsSequence" in ds:
         ds.RTROIObservationsSequence = DicomSequence(
