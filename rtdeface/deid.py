@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -54,21 +55,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 
-from rtdeface import __version__
+from rtdeface import __version__, rawseq
 from rtdeface.annex_e import ACTIONS, EDITION, MASKED_ACTIONS, SOURCE
 from rtdeface.errors import InputError, UsageError
 from rtdeface.uids import (
     DEFAULT_UID_ROOT,
     REGISTERED_UID_ROOT,
+    SameLengthTable,
     UidMapper,
     element_vr,
-    remap_uids,
+    remap_uids_raw,
 )
 
 logger = logging.getLogger(__name__)
@@ -679,15 +681,203 @@ def _elem_name(elem: DataElement) -> str:
     return keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
 
 
-def case_identity_tokens(datasets: Iterable[Dataset]) -> frozenset[str]:
+_SPECIAL_KEYWORDS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "StudyID",
+        "AccessionNumber",
+        "PatientBirthDate",
+        "PatientBirthTime",
+    }
+)
+"""Keywords :func:`_process_element` handles by name (besides the option and label sets)."""
+
+_INERT_VRS = (_UNTOUCHED_VRS | {"CS", "TM"}) - {"UN"}
+"""VRs whose unlisted, unnamed elements de-identification keeps as they are."""
+
+
+@functools.lru_cache(maxsize=4096)
+def is_inert(tag: int, vr: str) -> bool:
+    """True when de-identification keeps this element as it is, apart from UID remapping.
+
+    Mirrors :func:`_process_element`: a public, non-file-meta element whose keyword is handled
+    by no name rule (identity, options, labels, RT supplement) and which Table E.1-1 does not
+    list, of a VR kept as it is (numbers, binary, CS, TM); a UI element whose action is at most
+    U (remapped); a sequence the table does not list or lists as U (its items are checked
+    element by element). A raw sequence made only of inert elements needs no processing.
+    """
+    group = tag >> 16
+    if group & 1 or group == 0x0002 or group == 0xFFFE:
+        return False
+    keyword = keyword_for_tag(tag)
+    if (
+        not keyword
+        or keyword in _SPECIAL_KEYWORDS
+        or keyword in RETAINED_PATIENT_CHARACTERISTICS
+        or keyword in RETAINED_DEVICE_IDENTITY
+        or keyword in LABEL_FIELDS
+        or keyword in RT_SUPPLEMENT
+        or keyword in IDENTITY_ID_KEYWORDS
+        or keyword in SITE_KEYWORDS
+    ):
+        return False
+    listed = table_action(tag)
+    if vr == "UI":
+        return listed in (None, "U")
+    if vr == "SQ":
+        return listed is None or _resolve(listed) in ("U", "U*")
+    return listed is None and vr in _INERT_VRS
+
+
+@dataclass(frozen=True)
+class SequenceScan:
+    """What one raw sequence holds, from one pass over its bytes.
+
+    Attributes
+    ----------
+    inert : bool
+        Every element at every depth is :func:`is_inert`.
+    class_uids, uids : frozenset of str
+        Values of its class-UID elements, and of all its UI elements (inert scans only).
+    ui_spans : tuple of (int, int)
+        Byte spans of the UI values in the sequence value (inert scans only).
+    """
+
+    inert: bool
+    class_uids: frozenset[str] = frozenset()
+    uids: frozenset[str] = frozenset()
+    ui_spans: tuple[tuple[int, int], ...] = ()
+
+
+class _SequenceScans:
+    """Scans of raw sequence values of one case, by value (each value is walked once)."""
+
+    def __init__(self) -> None:
+        self._by_value: dict[bytes, SequenceScan] = {}
+
+    def scan(self, elem: RawDataElement) -> SequenceScan:
+        value = elem.value
+        if not isinstance(value, bytes):
+            return SequenceScan(False)
+        found = self._by_value.get(value)
+        if found is None:
+            found = scan_raw_sequence(value, bool(elem.is_implicit_VR), bool(elem.is_little_endian))
+            self._by_value[value] = found
+        return found
+
+    def inert(self, ds: Dataset, tag: BaseTag) -> SequenceScan | None:
+        """The scan of ``ds[tag]`` when it is a raw, inert sequence (None otherwise)."""
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement) or not is_inert(int(tag), "SQ"):
+            return None
+        found = self.scan(elem)
+        return found if found.inert else None
+
+    def all(self) -> list[SequenceScan]:
+        """Every inert scan made so far."""
+        return [v for v in self._by_value.values() if v.inert]
+
+
+def scan_raw_sequence(value: bytes, implicit: bool, little: bool) -> SequenceScan:
+    """Walk a raw sequence value once: is it inert, and which UIDs does it hold?"""
+    codec = rawseq.Codec(implicit, little)
+    class_uids: set[str] = set()
+    uids: set[str] = set()
+    spans: list[tuple[int, int]] = []
+    try:
+        for e in rawseq.walk(value, codec):
+            if not is_inert(e.tag, e.vr):
+                return SequenceScan(False)
+            if e.vr == "UI":
+                values = [v for v in rawseq.text(value, e).split("\\") if v]
+                uids.update(values)
+                spans.append((e.value_start, e.value_end))
+                if is_class_uid_keyword(keyword_for_tag(e.tag)):
+                    class_uids.update(values)
+    except rawseq.RawSequenceError:
+        return SequenceScan(False)  # let pydicom parse it (and report what is wrong)
+    return SequenceScan(True, frozenset(class_uids), frozenset(uids), tuple(sorted(spans)))
+
+
+def splice_uids(
+    value: bytes, spans: Sequence[tuple[int, int]], table: SameLengthTable
+) -> bytes | None:
+    """``value`` with the UI values at ``spans`` mapped through ``table`` (same lengths).
+
+    Returns None when a value would change length (then the caller parses the sequence).
+    """
+    out: list[bytes] = []
+    pos = 0
+    mapping = table.table
+    for start, end in spans:
+        old = value[start:end]
+        stripped = old.rstrip(b" \x00")
+        new = b"\\".join(mapping.get(p.strip(), p) for p in stripped.split(b"\\"))
+        if len(new) != len(stripped):
+            return None
+        out.append(value[pos:start])
+        out.append(new)
+        out.append(old[len(stripped) :])
+        pos = end
+    out.append(value[pos:])
+    return b"".join(out)
+
+
+def _iter_deid(
+    ds: Dataset,
+    vrs: frozenset[str],
+    scans: _SequenceScans,
+    want: Callable[[BaseTag, str], bool] | None = None,
+) -> Iterator[tuple[str, Dataset, DataElement]]:
+    """:func:`iter_elements`, but raw inert sequences are scanned, not parsed or yielded.
+
+    ``want(tag, vr)``, when given, also skips (without converting) elements it rejects.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        for elem in meta:
+            if elem.VR in vrs:
+                yield f"file_meta.{_elem_name(elem)}", meta, elem
+    stack: list[tuple[str, Dataset]] = [("", ds)]
+    while stack:
+        prefix, current = stack.pop()
+        for tag in list(current.keys()):
+            vr = element_vr(current, tag)
+            if vr != "SQ" and vr not in vrs and not tag.is_private:
+                continue
+            if vr == "SQ" and scans.inert(current, tag) is not None:
+                continue
+            if vr != "SQ" and want is not None and not want(tag, vr):
+                continue
+            elem = current[tag]
+            path = f"{prefix}{_elem_name(elem)}"
+            yield path, current, elem
+            if elem.VR == "SQ" and elem.value is not None:
+                stack.extend((f"{path}[{i}].", item) for i, item in enumerate(elem.value))
+
+
+def _token_source(tag: BaseTag, vr: str) -> bool:
+    """Whether an element can hold identity tokens (checked before its value is converted)."""
+    if vr == "PN":
+        return True
+    keyword = keyword_for_tag(tag)
+    return keyword in IDENTITY_ID_KEYWORDS or keyword in SITE_KEYWORDS
+
+
+def case_identity_tokens(
+    datasets: Iterable[Dataset], scans: _SequenceScans | None = None
+) -> frozenset[str]:
     """Lower-case words that identify the case: person-name parts, IDs and site names.
 
     Used by :func:`is_safe_text` so that a label or description that mentions the patient, a
-    clinician, an ID or the institution is never kept.
+    clinician, an ID or the institution is never kept. Raw sequences holding only inert
+    elements (:func:`is_inert`, e.g. ROIContourSequence) hold no such words and are not parsed.
     """
     tokens: set[str] = set()
+    scans = _SequenceScans() if scans is None else scans
     for ds in datasets:
-        for _path, _owner, elem in iter_elements(ds, vrs=TEXT_VRS):
+        for _path, _owner, elem in _iter_deid(ds, TEXT_VRS, scans, _token_source):
             if elem.VR == "SQ" or elem.tag.is_private:
                 continue
             keyword = elem.keyword
@@ -794,6 +984,9 @@ class _Context:
     original_patient_id: str
     counts: Counter[str] = field(default_factory=Counter)
     events: list[WhatIfEntry] | None = None
+    scans: _SequenceScans = field(default_factory=lambda: _SequenceScans())
+    memo: dict[tuple[int, str, bytes], _Outcome] | None = field(default_factory=dict)
+    stamps: dict[tuple[str, ...], Dataset] = field(default_factory=dict)
 
 
 def _short(value: object) -> str:
@@ -888,6 +1081,19 @@ def _neutral_label(owner: Dataset, keyword: str) -> str:
     return f"{prefix}_{value}" if value not in (None, "") else f"{prefix}_1"
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What processing did to one raw element: kept, removed or set, and the counts noted."""
+
+    kind: str  # "keep", "remove" or "set"
+    element: DataElement | None
+    counts: Counter[str]
+
+
+_OWNER_DEPENDENT = frozenset({"StudyID", "AccessionNumber", *LABEL_FIELDS})
+"""Keywords whose result depends on other elements of their dataset (never memoised)."""
+
+
 def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
     for tag in list(ds.keys()):
         if tag not in ds:  # removed together with an earlier element
@@ -895,11 +1101,61 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
         vr = element_vr(ds, tag)
         if vr in _UNTOUCHED_VRS and not tag.is_private and table_action(int(tag)) is None:
             continue  # numbers and binary data the table does not list: kept, never converted
+        if vr == "SQ" and ctx.scans.inert(ds, tag) is not None:
+            continue  # raw sequence of inert elements (e.g. ROIContourSequence): UIDs only
+        raw = ds.get_item(tag)
+        key = None
+        if (
+            ctx.memo is not None
+            and isinstance(raw, RawDataElement)
+            and vr != "SQ"
+            and not tag.is_private
+            and isinstance(raw.value, bytes)
+            and keyword_for_tag(tag) not in _OWNER_DEPENDENT
+        ):
+            key = (int(tag), vr, raw.value)
+            hit = ctx.memo.get(key)
+            if hit is not None:
+                _replay(ds, tag, raw, hit, ctx)
+                continue
+            before = Counter(ctx.counts)
         elem = ds[tag]
+        values_before: list[str] = _str_values(elem.value) if key is not None else []
         path = f"{prefix}{_elem_name(elem)}"
-        if _process_element(ds, elem, ctx, path) and elem.VR == "SQ" and elem.value:
+        recurse = _process_element(ds, elem, ctx, path)
+        if key is not None and ctx.memo is not None:
+            ctx.memo[key] = _record(ds, tag, raw, elem, values_before, ctx.counts - before)
+        if recurse and elem.VR == "SQ" and elem.value:
             for index, item in enumerate(elem.value):
                 _process_dataset(item, ctx, f"{path}[{index}].")
+
+
+def _record(
+    ds: Dataset,
+    tag: BaseTag,
+    raw: RawDataElement,
+    elem: DataElement,
+    values_before: list[str],
+    counts: Counter[str],
+) -> _Outcome:
+    """The outcome of processing ``raw`` (a kept element goes back to its raw bytes)."""
+    if tag not in ds:
+        return _Outcome("remove", None, counts)
+    if ds.get_item(tag) is elem and _str_values(elem.value) == values_before:
+        ds[tag] = raw  # unchanged: keep the original bytes
+        return _Outcome("keep", None, counts)
+    return _Outcome("set", copy.deepcopy(ds[tag]), counts)
+
+
+def _replay(
+    ds: Dataset, tag: BaseTag, raw: RawDataElement, outcome: _Outcome, ctx: _Context
+) -> None:
+    """Apply a memoised outcome to an element with the same tag, VR and bytes."""
+    ctx.counts.update(outcome.counts)
+    if outcome.kind == "remove":
+        del ds[tag]
+    elif outcome.kind == "set" and outcome.element is not None:
+        ds[tag] = copy.deepcopy(outcome.element)
 
 
 def _set(
@@ -1111,22 +1367,33 @@ def _method_texts(options: tuple[str, ...]) -> list[str]:
 
 def _stamp(ds: Dataset, ctx: _Context, options: tuple[str, ...]) -> None:
     modality = str(ds.get("Modality", "") or "")
-    applied = [
+    applied = tuple(
         o
         for o in options
         if o != "Clean Recognizable Visual Features" or modality in DEFACED_MODALITIES
-    ]
-    ds.PatientName = ctx.pseudonym
-    ds.PatientID = ctx.pseudonym
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = _method_texts(tuple(applied))
-    ds.DeidentificationMethodCodeSequence = DicomSequence(
-        [_code_item(*OPTION_CODES["Basic Profile"])]
-        + [_code_item(*OPTION_CODES[o]) for o in applied]
     )
-    ds.LongitudinalTemporalInformationModified = (
-        "MODIFIED" if ctx.options.modified_dates else "REMOVED"
-    )
+    template = ctx.stamps.get(applied)
+    if template is None:
+        template = Dataset()
+        template.PatientName = ctx.pseudonym
+        template.PatientID = ctx.pseudonym
+        template.PatientIdentityRemoved = "YES"
+        template.DeidentificationMethod = _method_texts(applied)
+        template.DeidentificationMethodCodeSequence = DicomSequence(
+            [_code_item(*OPTION_CODES["Basic Profile"])]
+            + [_code_item(*OPTION_CODES[o]) for o in applied]
+        )
+        template.LongitudinalTemporalInformationModified = (
+            "MODIFIED" if ctx.options.modified_dates else "REMOVED"
+        )
+        ctx.stamps[applied] = template
+    for tag in template.keys():
+        elem = template[tag]
+        if elem.VR == "SQ":
+            items = [Dataset({t: copy.copy(item[t]) for t in item.keys()}) for item in elem.value]
+            ds[tag] = DataElement(tag, "SQ", DicomSequence(items))
+        else:
+            ds[tag] = copy.deepcopy(elem)
 
 
 def _keyed_identifier(ctx: _Context, path: str, owner: Dataset, elem: DataElement) -> None:
@@ -1143,13 +1410,41 @@ def _keyed_identifier(ctx: _Context, path: str, owner: Dataset, elem: DataElemen
         _set(ctx, path, owner, elem, "keyed_id", new)
 
 
-def _class_uids(datasets: Iterable[Dataset]) -> set[str]:
-    found: set[str] = set()
+def _uid_inventory(datasets: Iterable[Dataset], scans: _SequenceScans) -> tuple[set[str], set[str]]:
+    """(class UIDs, every UID value) of the datasets, at every depth, file meta included.
+
+    Raw UI elements are read from their bytes; raw inert sequences from their scan.
+    """
+    class_uids: set[str] = set()
+    uids: set[str] = set()
+    stack: list[Dataset] = []
     for ds in datasets:
-        for _path, _owner, elem in iter_elements(ds, vrs=_UI):
-            if elem.VR == "UI" and is_class_uid_keyword(elem.keyword):
-                found.update(v.strip() for v in _str_values(elem.value))
-    return found
+        meta = getattr(ds, "file_meta", None)
+        stack.extend([ds] if meta is None else [ds, meta])
+    while stack:
+        current = stack.pop()
+        for tag in list(current.keys()):
+            vr = element_vr(current, tag)
+            if vr == "SQ":
+                if scans.inert(current, tag) is None:
+                    stack.extend(current[tag].value or [])
+                continue
+            if vr != "UI":
+                continue
+            elem = current.get_item(tag)
+            value = elem.value
+            if isinstance(value, bytes):
+                values = value.decode("ascii", "replace").strip(" \x00").split("\\")
+            else:
+                values = _str_values(value)
+            values = [v.strip().rstrip("\x00") for v in values]
+            uids.update(v for v in values if v)
+            if is_class_uid_keyword(keyword_for_tag(tag) or ""):
+                class_uids.update(v for v in values if v)
+    for scan in scans.all():
+        class_uids.update(scan.class_uids)
+        uids.update(scan.uids)
+    return class_uids, uids
 
 
 def deidentify_datasets(
@@ -1196,22 +1491,36 @@ def _make_context(datasets: Sequence[Dataset], options: DeidOptions) -> _Context
         if options.modified_dates
         else 0
     )
+    scans = _SequenceScans()
     return _Context(
         options=options,
         pseudonym=pseudonym_for(patient_id, options),
         offset_days=offset,
-        tokens=case_identity_tokens(datasets),
+        tokens=case_identity_tokens(datasets, scans),
         original_patient_id=patient_id,
+        scans=scans,
     )
 
 
 def _deidentify(datasets: Sequence[Dataset], ctx: _Context, *, ct_defaced: bool) -> None:
     options = ctx.options.applied_options(ct_defaced=ct_defaced)
-    class_uids = _class_uids(datasets)
+    class_uids, uids = _uid_inventory(datasets, ctx.scans)
     mapper = UidMapper(ctx.options.key, ctx.options.uid_root)
+    # one keyed mapping for the whole case; same-length where possible, so raw bytes (large
+    # structure-set sequences, CT headers) are rewritten without being parsed
+    table = SameLengthTable.build(
+        mapper,
+        {u for u in uids if u not in class_uids and not u.startswith(REGISTERED_UID_ROOT)},
+    )
+    if ctx.events is not None:
+        ctx.memo = None  # every element is visited and described
 
-    def select(uid: str) -> bool:
-        return uid.strip() not in class_uids and not uid.startswith(REGISTERED_UID_ROOT)
+    def splice(elem: RawDataElement) -> bytes | None:
+        scan = ctx.scans.scan(elem)
+        value = elem.value
+        if not scan.inert or not isinstance(value, bytes):
+            return None
+        return splice_uids(value, scan.ui_spans, table)
 
     for ds in datasets:
         meta = getattr(ds, "file_meta", None)
@@ -1221,9 +1530,10 @@ def _deidentify(datasets: Sequence[Dataset], ctx: _Context, *, ct_defaced: bool)
         if ctx.events is not None:
             for path, _owner, elem in iter_elements(ds, vrs=_UI):
                 for value in _str_values(elem.value) if elem.VR == "UI" else []:
-                    if value and select(value) and mapper.map(value) != value:
-                        _note(ctx, path, elem, "U", value, mapper.map(value), count=False)
-        ctx.counts["U"] += remap_uids(ds, mapper, select=select)
+                    new = table.map(mapper, value)
+                    if new != value:
+                        _note(ctx, path, elem, "U", value, new, count=False)
+        ctx.counts["U"] += remap_uids_raw(ds, mapper, table, splice=splice)
         _stamp(ds, ctx, options)
     logger.debug("de-identified %d object(s): %s", len(datasets), dict(ctx.counts))
 

@@ -18,10 +18,11 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_sequence
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
 
 from rtdeface import rawseq
 from rtdeface.discover import (
@@ -48,30 +49,43 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
 
 
+_IMMUTABLE_VALUES = (str, bytes, int, float, type(None))
+"""Element values shared, not copied, by :func:`copy_dataset` (UID, DSfloat, IS, PersonName
+and the other pydicom value types derive from these or are never mutated in place)."""
+
+
 def copy_dataset(ds: Dataset) -> Dataset:
     """A deep copy of ``ds`` that shares its unconverted (immutable) raw elements.
 
     Much faster than :func:`copy.deepcopy` on large structure sets and CT headers, because
-    raw elements (bytes not yet parsed) are immutable and need no copy. Sequences and
-    converted elements are copied; file meta, preamble and original encoding are kept.
+    raw elements (bytes not yet parsed) and immutable values need no copy. Sequences and
+    multi-valued elements are copied; file meta, preamble and original encoding are kept.
     """
-    new = Dataset()
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
     for tag in list(ds.keys()):
         elem = ds.get_item(tag)
         if isinstance(elem, RawDataElement):
-            new[tag] = elem
+            elements[tag] = elem
         elif elem.VR == "SQ":
-            new[tag] = DataElement(
+            elements[tag] = DataElement(
                 elem.tag, "SQ", DicomSequence([copy_dataset(item) for item in elem.value or []])
             )
+        elif isinstance(elem.value, _IMMUTABLE_VALUES) or type(elem.value).__name__ == "PersonName":
+            elements[tag] = copy.copy(elem)
         else:
-            new[tag] = copy.deepcopy(elem)
+            elements[tag] = copy.deepcopy(elem)
+    new = Dataset(elements)
     if "file_meta" in ds.__dict__ and ds.file_meta is not None:
-        new.file_meta = copy.deepcopy(ds.file_meta)
+        new.file_meta = copy_dataset_meta(ds.file_meta)
     if getattr(ds, "preamble", None) is not None:
         new.preamble = ds.preamble
     copy_encoding(ds, new)
     return new
+
+
+def copy_dataset_meta(meta: FileMetaDataset) -> FileMetaDataset:
+    """A copy of a file meta group (its elements are few and small)."""
+    return copy.deepcopy(meta)
 
 
 def copy_encoding(src: Dataset, dst: Dataset) -> None:
@@ -463,7 +477,7 @@ def _roi_number(item: Dataset, keyword: str, path: Path, where: str) -> int:
 
 def _as_roi_number(value: object, keyword: str, path: Path, where: str) -> int:
     try:
-        return int(value)  # type: ignore[call-overload]
+        return int(str(value).strip())
     except (TypeError, ValueError):
         raise InputError(
             f"{path}: {where} has no valid {keyword} ({value!r}); the structure set is corrupt, "

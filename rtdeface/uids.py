@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -134,6 +134,7 @@ class SameLengthTable:
     table: dict[bytes, bytes]
     fallback: frozenset[str]
     pattern: re.Pattern[bytes]
+    by_str: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, mapper: UidMapper, uids: Collection[str]) -> SameLengthTable:
@@ -153,7 +154,16 @@ class SameLengthTable:
             seen[new_uid] = old_uid
         for u in fallback:
             table.pop(u.encode("ascii"), None)
-        return cls(table, frozenset(fallback), RAW_UID_PATTERN)
+        by_str = {k.decode(): v.decode() for k, v in table.items()}
+        return cls(table, frozenset(fallback), RAW_UID_PATTERN, by_str)
+
+    def map(self, mapper: UidMapper, uid: str) -> str:
+        """The new value of ``uid`` under this table (unchanged when it is not mapped)."""
+        u = str(uid).strip().rstrip("\x00")
+        new = self.by_str.get(u)
+        if new is not None:
+            return new
+        return mapper.map(u) if u in self.fallback else str(uid)
 
     def sub(self, value: bytes) -> bytes:
         """Replace whole UID values found in raw bytes by their same-length mapping.
@@ -189,13 +199,21 @@ def iter_uid_elements(ds: Dataset) -> Iterable[tuple[Dataset, int]]:
                     stack.extend(value)
 
 
-def remap_uids_raw(ds: Dataset, mapper: UidMapper, table: SameLengthTable) -> int:
+def remap_uids_raw(
+    ds: Dataset,
+    mapper: UidMapper,
+    table: SameLengthTable,
+    splice: Callable[[RawDataElement], bytes | None] | None = None,
+) -> int:
     """Rewrite, in place, the UIDs of ``table`` wherever they occur in ``ds``, parsing little.
 
     Raw (still unparsed) elements and sequences are rewritten at the byte level with
     same-length UIDs, so large structure sets are never decoded and re-encoded; parsed
     elements are rewritten as values. UIDs without a same-length mapping are rewritten with
     :func:`remap_uids` (which parses what it walks).
+
+    ``splice(elem)``, when given, may rewrite a raw sequence itself (e.g. from known positions
+    of its UI values) and return the new bytes; when it returns None the bytes are searched.
 
     Returns
     -------
@@ -205,7 +223,7 @@ def remap_uids_raw(ds: Dataset, mapper: UidMapper, table: SameLengthTable) -> in
     changed = 0
     if table.fallback:
         changed += remap_uids(ds, mapper, table.fallback.__contains__)
-    same = {k.decode(): v.decode() for k, v in table.table.items()}
+    same = table.by_str
     datasets = [ds]
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
@@ -216,12 +234,10 @@ def remap_uids_raw(ds: Dataset, mapper: UidMapper, table: SameLengthTable) -> in
             elem = current.get_item(tag)
             if isinstance(elem, RawDataElement):
                 # only UIDs and sequences can hold UIDs (never pixel data or other binary VRs)
-                if (
-                    isinstance(elem.value, bytes)
-                    and elem.value
-                    and element_vr(current, tag) in ("UI", "SQ")
-                ):
-                    new = table.sub(elem.value)
+                vr = element_vr(current, tag)
+                if isinstance(elem.value, bytes) and elem.value and vr in ("UI", "SQ"):
+                    spliced = splice(elem) if splice is not None and vr == "SQ" else None
+                    new = spliced if spliced is not None else table.sub(elem.value)
                     if new != elem.value:
                         current[tag] = elem._replace(value=new)
                         changed += 1
