@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import shapely
+from shapely.geometry import Polygon
+from shapely.geometry.base import BaseGeometry
 
 from rtdeface.errors import LandmarkError
 from rtdeface.geometry import PLANE_MATCH_ATOL_MM, Grid
@@ -194,11 +196,49 @@ def closed_volume_ml(contours: Sequence[Contour], default_thickness_mm: float) -
         area += float(shapely.area(polys[valid]).sum())
         area += sum(polygon_from_points(single[i]).area for i in np.flatnonzero(~valid))
     area += sum(
-        even_odd([polygon_from_points(c.points_lps_mm) for c in planes[z]]).area
+        even_odd_area([polygon_from_points(c.points_lps_mm) for c in planes[z]])
         for z in planes
         if len(planes[z]) > 1
     )
     return float(area * thickness / 1000.0)
+
+
+def even_odd_area(polygons: Sequence[BaseGeometry]) -> float:
+    """Area (mm^2) of the even-odd composition of one plane's contours.
+
+    When no two contours' boundaries meet (each pair is nested or apart, as holes and islands
+    are), the composition's area is the sum of the areas with sign (-1)^depth, depth being
+    the number of contours that contain the contour; that needs only containment tests. Any
+    other configuration (crossing or touching contours, repaired self-intersections) is
+    composed with :func:`rtdeface.region.even_odd`.
+    """
+    polys = [p for p in polygons if not p.is_empty]
+    if not polys:
+        return 0.0
+    if len(polys) == 1:
+        return float(polys[0].area)
+    if not all(isinstance(p, Polygon) for p in polys):
+        return float(even_odd(polygons).area)
+    arr = np.asarray(polys, dtype=object)
+    b = shapely.bounds(arr)
+    overlap = (
+        (b[:, None, 0] <= b[None, :, 2])
+        & (b[None, :, 0] <= b[:, None, 2])
+        & (b[:, None, 1] <= b[None, :, 3])
+        & (b[None, :, 1] <= b[:, None, 3])
+    )
+    np.fill_diagonal(overlap, False)
+    depth = np.zeros(len(polys), dtype=np.int64)
+    for i, j in zip(*np.nonzero(np.triu(overlap))):
+        a, c = polys[int(i)], polys[int(j)]
+        if a.contains_properly(c):
+            depth[j] += 1
+        elif c.contains_properly(a):
+            depth[i] += 1
+        elif not a.disjoint(c):
+            return float(even_odd(polygons).area)
+    areas = shapely.area(arr).astype(np.float64)
+    return float(np.sum(np.where(depth % 2 == 0, areas, -areas)))
 
 
 def eye_from_roi(roi: Roi, default_thickness_mm: float) -> Eye:

@@ -49,18 +49,27 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
 
 
-_IMMUTABLE_VALUES = (str, bytes, int, float, type(None))
-"""Element values shared, not copied, by :func:`copy_dataset` (UID, DSfloat, IS, PersonName
-and the other pydicom value types derive from these or are never mutated in place)."""
-
-
 def copy_dataset(ds: Dataset) -> Dataset:
-    """A deep copy of ``ds`` that shares its unconverted (immutable) raw elements.
+    """A copy of ``ds`` whose elements can be replaced or removed without touching ``ds``.
 
-    Much faster than :func:`copy.deepcopy` on large structure sets and CT headers, because
-    raw elements (bytes not yet parsed) and immutable values need no copy. Sequences and
-    multi-valued elements are copied; file meta, preamble and original encoding are kept.
+    Sequences are copied item by item (recursively); raw elements (bytes not yet parsed) are
+    shared, and so are the values of parsed elements (each element object is new, so setting
+    ``elem.value`` on the copy leaves ``ds`` as it is; rtdeface never mutates a value in
+    place). Much faster than :func:`copy.deepcopy` on CT headers and structure sets. File
+    meta, preamble and original encoding are kept.
     """
+    new = Dataset(_copy_elements(ds))
+    if "file_meta" in ds.__dict__ and ds.file_meta is not None:
+        meta = FileMetaDataset()
+        meta.update(_copy_elements(ds.file_meta))
+        new.file_meta = meta
+    if getattr(ds, "preamble", None) is not None:
+        new.preamble = ds.preamble
+    copy_encoding(ds, new)
+    return new
+
+
+def _copy_elements(ds: Dataset) -> dict[BaseTag, DataElement | RawDataElement]:
     elements: dict[BaseTag, DataElement | RawDataElement] = {}
     for tag in list(ds.keys()):
         elem = ds.get_item(tag)
@@ -70,22 +79,9 @@ def copy_dataset(ds: Dataset) -> Dataset:
             elements[tag] = DataElement(
                 elem.tag, "SQ", DicomSequence([copy_dataset(item) for item in elem.value or []])
             )
-        elif isinstance(elem.value, _IMMUTABLE_VALUES) or type(elem.value).__name__ == "PersonName":
-            elements[tag] = copy.copy(elem)
         else:
-            elements[tag] = copy.deepcopy(elem)
-    new = Dataset(elements)
-    if "file_meta" in ds.__dict__ and ds.file_meta is not None:
-        new.file_meta = copy_dataset_meta(ds.file_meta)
-    if getattr(ds, "preamble", None) is not None:
-        new.preamble = ds.preamble
-    copy_encoding(ds, new)
-    return new
-
-
-def copy_dataset_meta(meta: FileMetaDataset) -> FileMetaDataset:
-    """A copy of a file meta group (its elements are few and small)."""
-    return copy.deepcopy(meta)
+            elements[tag] = copy.copy(elem)
+    return elements
 
 
 def copy_encoding(src: Dataset, dst: Dataset) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,10 +126,31 @@ def _ring_points(coords: FloatArray, z_mm: float, y_mid_mm: float) -> list[str]:
     xy = np.asarray(coords, dtype=np.float64)[:, :2]
     if len(xy) > 1 and np.allclose(xy[0], xy[-1]):
         xy = xy[:-1]
-    out: list[str] = []
-    for x, y in xy:
-        out.extend((_fmt(float(x)), _fmt(_snap_y(float(y), y_mid_mm)), _fmt(z_mm)))
-    return out
+    pts = np.empty((len(xy), 3), dtype=np.float64)
+    pts[:, 0] = xy[:, 0]
+    pts[:, 1] = snap_y(xy[:, 1], y_mid_mm)
+    pts[:, 2] = z_mm
+    return format_ds(pts.ravel())
+
+
+_TRAILING_ZEROS = re.compile(r"\.?0+(?=\\|$)")
+_NEGATIVE_ZERO = re.compile(r"(?<![0-9.])-0(?=\\|$)")
+
+
+def format_ds(values: FloatArray) -> list[str]:
+    """DS strings of ``values`` as :func:`_fmt` writes them (one pass for the whole array)."""
+    if values.size == 0:
+        return []
+    text = "\\".join([f"%.{COORD_DECIMALS}f"] * values.size) % tuple(values.tolist())
+    text = _NEGATIVE_ZERO.sub("0", _TRAILING_ZEROS.sub("", text))
+    return text.split("\\")
+
+
+def snap_y(y: FloatArray, y_mid_mm: float) -> FloatArray:
+    """:func:`_snap_y` for an array of y values."""
+    scale = 10.0**COORD_DECIMALS
+    near = np.abs(y - y_mid_mm) < 2.0 / scale
+    return np.where(near, math.ceil(y_mid_mm * scale) / scale, y)
 
 
 def _snap_y(y: float, y_mid_mm: float) -> float:
