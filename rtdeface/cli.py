@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rtdeface import __version__
-from rtdeface.errors import RtDefaceError, UsageError
+from rtdeface.errors import InputError, RtDefaceError, UsageError
 from rtdeface.fullface import DEFAULT_FACE_DEPTH_MM, DEFAULT_FACE_MARGIN_MM, MODES
-from rtdeface.pipeline import EYE_MODES, DefaceOptions, deface_case, find_landmarks
+from rtdeface.pipeline import (
+    EYE_MODES,
+    DefaceOptions,
+    complete_eye_check,
+    deface_case,
+    find_landmarks,
+)
 from rtdeface.region import DefacingRegion, select_preserved
 
 if TYPE_CHECKING:
@@ -396,11 +402,11 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def _cmd_deface(args: argparse.Namespace) -> int:
-    from rtdeface.load import load_case
     from rtdeface.report import case_report, to_json
     from rtdeface.write import build_outputs, check_output_free, write_atomic
 
-    tree = _discover_tree(args)
+    t_start = time.perf_counter()
+    tree = _discover_tree(args, keep_datasets=True)
     if tree is not None and (tree.ct_series > 1 or args.batch):
         return _cmd_deface_batch(args, tree)
     options = _options(args)
@@ -414,16 +420,17 @@ def _cmd_deface(args: argparse.Namespace) -> int:
         raise UsageError(f"--audit {audit} lies inside the output; it holds identifiers")
     if not args.what_if:
         check_output_free(output)
-    t0 = time.perf_counter()
-    case = load_case(args.case_dir)
+    t0 = t_start
+    case = _load_single(args, tree)
     t_load = time.perf_counter() - t0
     if args.what_if:
         return _what_if(case, deid)
-    defaced = deface_case(case, options)
+    defaced = deface_case(case, options, defer_eye_check=True)
     t = time.perf_counter()
     outputs, record = build_outputs(defaced, deid)
     defaced.timings_s["load"] = t_load
     defaced.timings_s["build_outputs"] = time.perf_counter() - t
+    defaced = complete_eye_check(defaced)  # the image cross-check ran beside the work above
     report = case_report(defaced, outputs, record)
     t = time.perf_counter()
     out = write_atomic(outputs, output, {REPORT_NAME: to_json(report)})
@@ -584,15 +591,34 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ batch mode
 
 
-def _discover_tree(args: argparse.Namespace) -> TreeCases | None:
-    """Header-only discovery of INPUT; None when INPUT is not a folder (legacy errors)."""
-    from rtdeface.discover import discover_cases
+def _discover_tree(args: argparse.Namespace, keep_datasets: bool = False) -> TreeCases | None:
+    """Discovery of INPUT; None when INPUT is not a folder (legacy errors).
+
+    Header-only, except with ``keep_datasets`` for a tree small enough to be one case: then
+    every file is read whole once and the datasets are kept for :func:`_load_single`.
+    """
+    from rtdeface.discover import KEEP_DATASETS_MAX_BYTES, discover_cases
 
     if not Path(args.case_dir).is_dir():
         return None
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
-    return discover_cases(args.case_dir, args.jobs)
+    limit = KEEP_DATASETS_MAX_BYTES if keep_datasets else 0
+    return discover_cases(args.case_dir, args.jobs, limit)
+
+
+def _load_single(args: argparse.Namespace, tree: TreeCases | None) -> Case:
+    """The one case of INPUT, from the datasets discovery kept (else read here)."""
+    from rtdeface.discover import assemble_single_case
+    from rtdeface.load import load_case, load_case_files
+
+    if tree is None or not tree.index.datasets:
+        return load_case(args.case_dir)
+    if tree.index.unreadable:
+        raise InputError(tree.index.unreadable[0][1])
+    source = Path(args.case_dir)
+    files = assemble_single_case(list(tree.index.records), source)
+    return load_case_files(files, source, tree.index.datasets)
 
 
 def _inspect_tree(args: argparse.Namespace, tree: TreeCases) -> int:

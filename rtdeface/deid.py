@@ -54,9 +54,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.charset import default_encoding
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
@@ -361,6 +364,8 @@ class DeidRecord:
         Name and edition of the Annex E table used.
     options : tuple of str
         PS3.15 names of the options applied.
+    identity_tokens : frozenset of str
+        The case's identity tokens (:func:`case_identity_tokens`); identifying, never written.
     """
 
     original_patient_id: str
@@ -370,6 +375,7 @@ class DeidRecord:
     action_counts: Mapping[str, int]
     profile: str = PROFILE_NAME
     options: tuple[str, ...] = ()
+    identity_tokens: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready representation."""
@@ -786,14 +792,15 @@ def scan_raw_sequence(value: bytes, implicit: bool, little: bool) -> SequenceSca
     uids: set[str] = set()
     spans: list[tuple[int, int]] = []
     try:
-        for e in rawseq.walk(value, codec):
-            if not is_inert(e.tag, e.vr):
+        for tag, vr, start, end in rawseq.walk_tags(value, codec):
+            if not is_inert(tag, vr):
                 return SequenceScan(False)
-            if e.vr == "UI":
-                values = [v for v in rawseq.text(value, e).split("\\") if v]
+            if vr == "UI":
+                text = value[start:end].decode("ascii", "replace").strip(" \x00")
+                values = [v for v in text.split("\\") if v]
                 uids.update(values)
-                spans.append((e.value_start, e.value_end))
-                if is_class_uid_keyword(keyword_for_tag(e.tag)):
+                spans.append((start, end))
+                if is_class_uid_keyword(keyword_for_tag(tag)):
                     class_uids.update(values)
     except rawseq.RawSequenceError:
         return SequenceScan(False)  # let pydicom parse it (and report what is wrong)
@@ -985,8 +992,10 @@ class _Context:
     counts: Counter[str] = field(default_factory=Counter)
     events: list[WhatIfEntry] | None = None
     scans: _SequenceScans = field(default_factory=lambda: _SequenceScans())
-    memo: dict[tuple[int, str, bytes], _Outcome] | None = field(default_factory=dict)
-    stamps: dict[tuple[str, ...], Dataset] = field(default_factory=dict)
+    memo: dict[tuple[int, str, bytes, _RawForm | None], _Outcome] | None = field(
+        default_factory=dict
+    )
+    stamps: dict[tuple[tuple[str, ...], _RawForm | None], Dataset] = field(default_factory=dict)
 
 
 def _short(value: object) -> str:
@@ -1081,12 +1090,46 @@ def _neutral_label(owner: Dataset, keyword: str) -> str:
     return f"{prefix}_{value}" if value not in (None, "") else f"{prefix}_1"
 
 
+_RawForm = tuple[bool, bool, tuple[str, ...]]
+"""(implicit VR, little endian, SpecificCharacterSet values) of a dataset read from a file."""
+
+
+def _raw_form(ds: Dataset) -> _RawForm | None:
+    """How raw elements of ``ds`` are encoded (None for a dataset built in memory)."""
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return None
+    charset = tuple(_str_values(ds.get("SpecificCharacterSet")))
+    return bool(implicit), bool(little), charset
+
+
+def encode_raw(elem: DataElement, form: _RawForm) -> RawDataElement:
+    """``elem`` encoded as a raw element of a dataset of the given form.
+
+    Raw elements are written back byte for byte and can be shared between datasets (they
+    are immutable), so a value set on every slice of a series is encoded once.
+    """
+    implicit, little, charset = form
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = implicit
+    fp.is_little_endian = little
+    write_data_element(fp, elem, list(charset) or default_encoding)
+    data = fp.getvalue()
+    header = 8 if implicit or elem.VR not in rawseq.LONG_LENGTH_VRS else 12
+    value = data[header:]
+    vr = None if implicit else elem.VR
+    return RawDataElement(elem.tag, vr, len(value), value, 0, implicit, little, True, False)
+
+
 @dataclass(frozen=True)
 class _Outcome:
-    """What processing did to one raw element: kept, removed or set, and the counts noted."""
+    """What processing did to one raw element: kept, removed or set, and the counts noted.
+
+    ``element`` is the new element: raw (shared) when the dataset's form is known.
+    """
 
     kind: str  # "keep", "remove" or "set"
-    element: DataElement | None
+    element: DataElement | RawDataElement | None
     counts: Counter[str]
 
 
@@ -1095,6 +1138,7 @@ _OWNER_DEPENDENT = frozenset({"StudyID", "AccessionNumber", *LABEL_FIELDS})
 
 
 def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
+    form = _raw_form(ds) if prefix == "" else None
     for tag in list(ds.keys()):
         if tag not in ds:  # removed together with an earlier element
             continue
@@ -1113,7 +1157,7 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
             and isinstance(raw.value, bytes)
             and keyword_for_tag(tag) not in _OWNER_DEPENDENT
         ):
-            key = (int(tag), vr, raw.value)
+            key = (int(tag), vr, raw.value, form)
             hit = ctx.memo.get(key)
             if hit is not None:
                 _replay(ds, tag, raw, hit, ctx)
@@ -1124,7 +1168,8 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
         path = f"{prefix}{_elem_name(elem)}"
         recurse = _process_element(ds, elem, ctx, path)
         if key is not None and ctx.memo is not None:
-            ctx.memo[key] = _record(ds, tag, raw, elem, values_before, ctx.counts - before)
+            outcome = _record(ds, tag, raw, elem, values_before, ctx.counts - before, form)
+            ctx.memo[key] = outcome
         if recurse and elem.VR == "SQ" and elem.value:
             for index, item in enumerate(elem.value):
                 _process_dataset(item, ctx, f"{path}[{index}].")
@@ -1137,6 +1182,7 @@ def _record(
     elem: DataElement,
     values_before: list[str],
     counts: Counter[str],
+    form: _RawForm | None,
 ) -> _Outcome:
     """The outcome of processing ``raw`` (a kept element goes back to its raw bytes)."""
     if tag not in ds:
@@ -1144,18 +1190,23 @@ def _record(
     if ds.get_item(tag) is elem and _str_values(elem.value) == values_before:
         ds[tag] = raw  # unchanged: keep the original bytes
         return _Outcome("keep", None, counts)
+    if form is not None:
+        new_raw = encode_raw(ds[tag], form)
+        ds[tag] = new_raw
+        return _Outcome("set", new_raw, counts)
     return _Outcome("set", copy.deepcopy(ds[tag]), counts)
 
 
 def _replay(
     ds: Dataset, tag: BaseTag, raw: RawDataElement, outcome: _Outcome, ctx: _Context
 ) -> None:
-    """Apply a memoised outcome to an element with the same tag, VR and bytes."""
+    """Apply a memoised outcome to an element with the same tag, VR, bytes and form."""
     ctx.counts.update(outcome.counts)
     if outcome.kind == "remove":
         del ds[tag]
     elif outcome.kind == "set" and outcome.element is not None:
-        ds[tag] = copy.deepcopy(outcome.element)
+        new = outcome.element
+        ds[tag] = new if isinstance(new, RawDataElement) else copy.deepcopy(new)
 
 
 def _set(
@@ -1372,7 +1423,8 @@ def _stamp(ds: Dataset, ctx: _Context, options: tuple[str, ...]) -> None:
         for o in options
         if o != "Clean Recognizable Visual Features" or modality in DEFACED_MODALITIES
     )
-    template = ctx.stamps.get(applied)
+    form = _raw_form(ds)
+    template = ctx.stamps.get((applied, form))
     if template is None:
         template = Dataset()
         template.PatientName = ctx.pseudonym
@@ -1386,8 +1438,13 @@ def _stamp(ds: Dataset, ctx: _Context, options: tuple[str, ...]) -> None:
         template.LongitudinalTemporalInformationModified = (
             "MODIFIED" if ctx.options.modified_dates else "REMOVED"
         )
-        ctx.stamps[applied] = template
+        if form is not None:  # encoded once, shared by every object of this form
+            template = Dataset({t: encode_raw(template[t], form) for t in template.keys()})
+        ctx.stamps[(applied, form)] = template
     for tag in template.keys():
+        if form is not None:
+            ds[tag] = template.get_item(tag)
+            continue
         elem = template[tag]
         if elem.VR == "SQ":
             items = [Dataset({t: copy.copy(item[t]) for t in item.keys()}) for item in elem.value]
@@ -1481,6 +1538,7 @@ def deidentify_datasets(
         n_objects=len(datasets),
         action_counts=dict(ctx.counts),
         options=options.applied_options(ct_defaced=ct_defaced),
+        identity_tokens=ctx.tokens,
     )
 
 

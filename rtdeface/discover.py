@@ -7,15 +7,16 @@ that says what was found; nothing is guessed silently.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.context
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -325,45 +326,54 @@ class TreeIndex:
         Files that claim to be DICOM but cannot be parsed, with the reason.
     non_dicom : tuple of Path
         Files that are not DICOM objects (text files, DICOMDIR, ...); skipped.
+    datasets : mapping of Path to Dataset
+        Whole reads of the DICOM objects when the index was asked to keep them (else empty).
     """
 
     root: Path
     records: tuple[FileRecord, ...]
     unreadable: tuple[tuple[Path, str], ...]
     non_dicom: tuple[Path, ...]
+    datasets: Mapping[Path, Dataset] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _index_one(path: Path) -> FileRecord | str | None:
     """A record, a reason (file claims to be DICOM but is unusable), or None (not DICOM)."""
+    return _read_one(path, header_only=True)[0]
+
+
+def _read_one(path: Path, *, header_only: bool) -> tuple[FileRecord | str | None, Dataset | None]:
+    """:func:`_index_one` and the dataset read (None unless the file is a DICOM object)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = read_dicom(path, header_only=True)
+            ds = read_dicom(path, header_only=header_only)
             if ds is not None:
-                return classify(ds, path)
+                return classify(ds, path), ds
             with open(path, "rb") as fh:
                 if fh.read(132)[128:] != b"DICM":
-                    return None
+                    return None, None
             meta = pydicom.dcmread(path, stop_before_pixels=True)
         except InputError as exc:
-            return str(exc)
+            return str(exc), None
         except OSError as exc:
-            return f"{path}: cannot read ({exc.strerror}); check permissions"
+            return f"{path}: cannot read ({exc.strerror}); check permissions", None
         except Exception as exc:
-            return f"{path}: unreadable DICOM file ({type(exc).__name__}); re-export or remove it"
+            reason = f"{path}: unreadable DICOM file ({type(exc).__name__}); re-export or remove it"
+            return reason, None
     if "DirectoryRecordSequence" in meta:
-        return None  # DICOMDIR: an index of the files, not an object
+        return None, None  # DICOMDIR: an index of the files, not an object
     return (
         f"{path}: DICOM file without SOPClassUID and SOPInstanceUID (corrupt?); "
         "re-export it or remove it from the input"
-    )
+    ), None
 
 
 def _index_chunk(paths: Sequence[Path]) -> list[FileRecord | str | None]:
     return [_index_one(p) for p in paths]
 
 
-def index_tree(root: Path, jobs: int | None = None) -> TreeIndex:
+def index_tree(root: Path, jobs: int | None = None, keep_datasets_bytes: int = 0) -> TreeIndex:
     """Read the header (``stop_before_pixels``) of every file below ``root``, in parallel.
 
     Parameters
@@ -372,6 +382,10 @@ def index_tree(root: Path, jobs: int | None = None) -> TreeIndex:
         Input folder (any layout) or a single file.
     jobs : int, optional
         Worker processes [default: the CPU count]; small trees are read in this process.
+    keep_datasets_bytes : int
+        When the files below ``root`` add up to at most this many bytes, read each file whole,
+        once, in this process, and keep the datasets in :attr:`TreeIndex.datasets` (a single
+        case is then never read twice) [default 0: headers only].
 
     Raises
     ------
@@ -380,6 +394,9 @@ def index_tree(root: Path, jobs: int | None = None) -> TreeIndex:
     """
     root = Path(root).absolute()
     paths = iter_files(root)
+    full = _read_small_tree(root, paths, keep_datasets_bytes)
+    if full is not None:
+        return full
     jobs = max(1, jobs or os.cpu_count() or 1)
     results: list[FileRecord | str | None]
     if jobs > 1 and len(paths) >= PARALLEL_INDEX_MIN_FILES:
@@ -389,6 +406,34 @@ def index_tree(root: Path, jobs: int | None = None) -> TreeIndex:
             results = [r for part in ex.map(_index_chunk, chunks) for r in part]
     else:
         results = [_index_one(p) for p in paths]
+    return _tree_index(root, paths, results)
+
+
+KEEP_DATASETS_MAX_BYTES = 2 * 1024**3
+"""Largest tree (bytes of all files) that :func:`index_tree` may read whole, once, and keep."""
+
+
+def _read_small_tree(root: Path, paths: Sequence[Path], limit: int) -> TreeIndex | None:
+    """Full reads of a tree no larger than ``limit`` bytes, kept in the index (else None)."""
+    if limit <= 0:
+        return None
+    total = 0
+    for p in paths:
+        try:
+            total += p.stat().st_size
+        except OSError:
+            continue
+        if total > limit:
+            return None
+    pairs = [_read_one(p, header_only=False) for p in paths]
+    datasets = {p: ds for p, (_, ds) in zip(paths, pairs) if ds is not None}
+    index = _tree_index(root, paths, [res for res, _ in pairs])
+    return dataclasses.replace(index, datasets=datasets)
+
+
+def _tree_index(
+    root: Path, paths: Sequence[Path], results: Sequence[FileRecord | str | None]
+) -> TreeIndex:
     records: list[FileRecord] = []
     unreadable: list[tuple[Path, str]] = []
     non_dicom: list[Path] = []
@@ -729,6 +774,9 @@ def assemble_cases(index: TreeIndex) -> TreeCases:
     return TreeCases(index, tuple(cases), tuple(problems), len(ct_series))
 
 
-def discover_cases(root: Path, jobs: int | None = None) -> TreeCases:
-    """Index ``root`` (header-only, in parallel) and assemble its cases by references."""
-    return assemble_cases(index_tree(root, jobs))
+def discover_cases(root: Path, jobs: int | None = None, keep_datasets_bytes: int = 0) -> TreeCases:
+    """Index ``root`` (header-only, in parallel) and assemble its cases by references.
+
+    ``keep_datasets_bytes``: see :func:`index_tree`.
+    """
+    return assemble_cases(index_tree(root, jobs, keep_datasets_bytes))

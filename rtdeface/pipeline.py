@@ -5,10 +5,15 @@ Plain data in, plain data out; no I/O here (see :mod:`rtdeface.load` and :mod:`r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import multiprocessing
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -119,6 +124,9 @@ class DefacedCase:
     doses : tuple of DoseResult
         Same order as ``case.doses``.
     timings_s : dict of str to float
+    eye_search : ImageEyeSearch or None
+        The image cross-check still running (``deface_case(..., defer_eye_check=True)``);
+        :func:`complete_eye_check` joins it.
     """
 
     case: Case
@@ -130,6 +138,7 @@ class DefacedCase:
     structures: StructuresResult | None
     doses: tuple[DoseResult, ...]
     timings_s: dict[str, float] = field(default_factory=dict)
+    eye_search: ImageEyeSearch | None = None
 
 
 HuProvider = Callable[[], npt.NDArray[np.float32]]
@@ -148,12 +157,103 @@ def once(case: Case) -> HuProvider:
     return hu
 
 
+EYE_SEARCH_TIMEOUT_S = 300.0
+"""Longest wait (s) for the child process of :class:`ImageEyeSearch` before the search is
+rerun in this process (a forked child could hang on a lock held by another thread)."""
+
+
+class ImageEyeSearch:
+    """The image search for the eyes of one case, run beside other work when possible.
+
+    :meth:`start` forks a child process (Linux, two or more CPUs) that decodes the CT and runs
+    :func:`rtdeface.eyefinder.find_eyes_in_image` while the parent goes on (the search is
+    numpy-bound and holds the GIL, so a thread would not overlap); :meth:`result` waits for
+    it. Where forking is not available, or the child fails for any reason other than the
+    search itself, :meth:`result` runs the search in this process. The result is the same
+    either way.
+    """
+
+    def __init__(self, case: Case, hu: HuProvider, conn: Any = None, proc: Any = None) -> None:
+        self._case = case
+        self._hu = hu
+        self._conn = conn
+        self._proc = proc
+
+    @classmethod
+    def start(cls, case: Case, hu: HuProvider) -> ImageEyeSearch:
+        """Start the search (in a child process when that can run in parallel)."""
+        if not _can_fork():
+            return cls(case, hu)
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_eye_search_child, args=(case, hu, child), daemon=True)
+        try:
+            proc.start()
+        except (OSError, AssertionError) as exc:  # e.g. inside a daemonic worker process
+            log.debug("eye search runs inline (cannot fork: %s)", exc)
+            parent.close()
+            child.close()
+            return cls(case, hu)
+        child.close()
+        return cls(case, hu, parent, proc)
+
+    def result(self) -> tuple[EyeLandmarks | None, str]:
+        """(landmarks found in the image, "") or (None, why the search failed)."""
+        if self._conn is not None:
+            kind: str = "failed"
+            value: Any = None
+            try:
+                if self._conn.poll(EYE_SEARCH_TIMEOUT_S):
+                    kind, value = self._conn.recv()
+            except (EOFError, OSError):
+                pass
+            finally:
+                self._conn.close()
+                self._conn = None
+                if kind == "failed" and self._proc.is_alive():
+                    self._proc.kill()
+                self._proc.join()
+            if kind == "ok":
+                return value, ""
+            if kind == "landmark_error":
+                return None, str(value)
+            log.debug("eye search child failed; running it in this process")
+        try:
+            return find_eyes_in_image(self._hu(), self._case.ct.grid), ""
+        except LandmarkError as exc:
+            return None, str(exc)
+
+
+def _can_fork() -> bool:
+    if not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
+        return False
+    return not multiprocessing.current_process().daemon
+
+
+def _eye_search_child(case: Case, hu: HuProvider, conn: Any) -> None:
+    """Child of :meth:`ImageEyeSearch.start`: send ("ok", landmarks) or the failure."""
+    try:
+        conn.send(("ok", find_eyes_in_image(hu(), case.ct.grid)))
+    except LandmarkError as exc:
+        conn.send(("landmark_error", str(exc)))
+    except BaseException:  # anything else: the parent reruns the search and sees it
+        conn.send(("failed", None))
+    finally:
+        conn.close()
+
+
 def find_landmarks(
-    case: Case, options: DefaceOptions, hu: HuProvider | None = None
+    case: Case,
+    options: DefaceOptions,
+    hu: HuProvider | None = None,
+    *,
+    defer_check: bool = False,
 ) -> EyeLandmarks:
     """Eye landmarks from contours and/or the image, as ``options.eyes`` says.
 
-    ``hu`` supplies the CT in HU for the image search (default: decode it on demand).
+    ``hu`` supplies the CT in HU for the image search (default: decode it on demand). With
+    ``defer_check``, the image cross-check of contoured eyes is not run here: the contoured
+    landmarks are returned and the caller runs it (see :func:`deface_case`).
     """
     hu = hu or case.ct.hu_volume
     thickness = case.ct.grid.spacing_mm[0]
@@ -171,7 +271,7 @@ def find_landmarks(
             except LandmarkError as exc:
                 contour_error = exc
             else:
-                if options.eyes == "auto" and options.eye_check:
+                if options.eyes == "auto" and options.eye_check and not defer_check:
                     try:
                         image = find_eyes_in_image(hu(), case.ct.grid)
                     except LandmarkError as exc:
@@ -224,13 +324,29 @@ def build_region(
     return DefacingRegion(landmarks.z_inferior_mm, landmarks.y_mid_mm, preserved, face)
 
 
-def deface_case(case: Case, options: DefaceOptions | None = None) -> DefacedCase:
-    """Deface one loaded case (CT, every ROI, every dose grid) without writing anything."""
+def deface_case(
+    case: Case, options: DefaceOptions | None = None, *, defer_eye_check: bool = False
+) -> DefacedCase:
+    """Deface one loaded case (CT, every ROI, every dose grid) without writing anything.
+
+    The image cross-check of contoured eyes (``--eyes auto``) only reports; it never changes
+    the cut. It runs beside the defacing (:class:`ImageEyeSearch`) and is joined before this
+    returns, or, with ``defer_eye_check``, by :func:`complete_eye_check` (so that it can
+    overlap with writing too).
+    """
     options = options or DefaceOptions()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     hu = once(case)  # the image search and the face profile share one decoded volume
-    landmarks = find_landmarks(case, options, hu)
+    landmarks = find_landmarks(case, options, hu, defer_check=True)
+    search = None
+    if (
+        options.eyes == "auto"
+        and options.eye_check
+        and landmarks.source != "image"
+        and case.structure_set is not None
+    ):
+        search = ImageEyeSearch.start(case, hu)
     timings["landmarks"] = time.perf_counter() - t0
     t = time.perf_counter()
     region = build_region(case, landmarks, options, hu)
@@ -252,4 +368,19 @@ def deface_case(case: Case, options: DefaceOptions | None = None) -> DefacedCase
         ct.voxels_changed,
         kept,
     )
-    return DefacedCase(case, options, landmarks, region, ct, kept, structures, doses, timings)
+    defaced = DefacedCase(
+        case, options, landmarks, region, ct, kept, structures, doses, timings, search
+    )
+    return defaced if defer_eye_check else complete_eye_check(defaced)
+
+
+def complete_eye_check(defaced: DefacedCase) -> DefacedCase:
+    """Join the pending image cross-check of :func:`deface_case` (a no-op when none)."""
+    if defaced.eye_search is None:
+        return defaced
+    t = time.perf_counter()
+    image, error = defaced.eye_search.result()
+    landmarks = cross_check(defaced.landmarks, image, error)
+    timings = dict(defaced.timings_s)
+    timings["eye_check_wait"] = time.perf_counter() - t
+    return dataclasses.replace(defaced, landmarks=landmarks, timings_s=timings, eye_search=None)

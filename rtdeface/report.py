@@ -40,8 +40,8 @@ def case_report(
     written = output_roi_names(outputs)
     number_of = {r.name: r.number for r in case.structure_set.rois} if case.structure_set else {}
 
-    tokens: frozenset[str] = frozenset()
-    if deid is not None:
+    tokens: frozenset[str] = deid.identity_tokens if deid is not None else frozenset()
+    if deid is not None and not tokens:
         sources = [case.ct.datasets[0]]
         if case.structure_set is not None:
             sources.append(case.structure_set.dataset)
