@@ -433,7 +433,7 @@ def _cmd_deface(args: argparse.Namespace) -> int:
     defaced = complete_eye_check(defaced)  # the image cross-check ran beside the work above
     report = case_report(defaced, outputs, record)
     t = time.perf_counter()
-    out = write_atomic(outputs, output, {REPORT_NAME: to_json(report)})
+    out = write_atomic(outputs, output, {REPORT_NAME: to_json(report)}, parallel=True)
     if record is not None:
         from rtdeface.deid import write_audit
 

@@ -231,6 +231,14 @@ class Grid:
         p = np.asarray(xyz, dtype=np.float64)
         return np.asarray(p @ self._inverse[:3, :3].T + self._inverse[:3, 3], dtype=np.float64)
 
+    def slab(self, k0: int, k1: int) -> Grid:
+        """The grid of slices ``k0 .. k1 - 1`` (index ``k`` of the slab is ``k0 + k`` here)."""
+        if not 0 <= k0 < k1 <= self.shape[0]:
+            raise GeometryError(f"slab [{k0}, {k1}) is outside the grid's {self.shape[0]} slices")
+        affine = self.affine.copy()
+        affine[:3, 3] = self.affine[:3, 3] + k0 * self.affine[:3, 0]
+        return Grid(affine, (k1 - k0, self.shape[1], self.shape[2]))
+
     def slice_z_mm(self) -> FloatArray:
         """z (mm) of every slice, shape (nk,), in index order."""
         k = np.arange(self.shape[0], dtype=np.float64)

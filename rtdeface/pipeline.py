@@ -157,6 +157,39 @@ def once(case: Case) -> HuProvider:
     return hu
 
 
+EYE_CHECK_MARGIN_MM = 40.0
+"""The image cross-check of contoured eyes searches the CT slices within this distance (mm)
+of the contoured eyes' z extent (a globe is about 24 mm tall; the search needs the orbit and
+some head around it). Eyes contoured more than this far from the real ones are reported as a
+failed cross-check."""
+
+
+def eye_check_slab(case: Case, contoured: EyeLandmarks) -> tuple[int, int]:
+    """Slice range ``[k0, k1)`` the cross-check of ``contoured`` searches (see
+    :data:`EYE_CHECK_MARGIN_MM`)."""
+    z = case.ct.grid.slice_z_mm()
+    lo = min(e.z_min_mm for e in contoured.eyes) - EYE_CHECK_MARGIN_MM
+    hi = max(e.z_max_mm for e in contoured.eyes) + EYE_CHECK_MARGIN_MM
+    ks = np.flatnonzero((z >= lo) & (z <= hi))
+    if ks.size == 0:
+        return 0, case.ct.grid.shape[0]
+    return int(ks.min()), int(ks.max()) + 1
+
+
+def find_eyes_near(case: Case, contoured: EyeLandmarks) -> EyeLandmarks:
+    """The image search for the eyes, on the CT slab around the contoured eyes.
+
+    Raises
+    ------
+    LandmarkError
+        As :func:`rtdeface.eyefinder.find_eyes_in_image`.
+    """
+    k0, k1 = eye_check_slab(case, contoured)
+    grid = case.ct.grid.slab(k0, k1)
+    hu = np.stack([case.ct.hu_slice(k) for k in range(k0, k1)])
+    return find_eyes_in_image(hu, grid)
+
+
 EYE_SEARCH_TIMEOUT_S = 300.0
 """Longest wait (s) for the child process of :class:`ImageEyeSearch` before the search is
 rerun in this process (a forked child could hang on a lock held by another thread)."""
@@ -165,37 +198,38 @@ rerun in this process (a forked child could hang on a lock held by another threa
 class ImageEyeSearch:
     """The image search for the eyes of one case, run beside other work when possible.
 
-    :meth:`start` forks a child process (Linux, two or more CPUs) that decodes the CT and runs
-    :func:`rtdeface.eyefinder.find_eyes_in_image` while the parent goes on (the search is
-    numpy-bound and holds the GIL, so a thread would not overlap); :meth:`result` waits for
-    it. Where forking is not available, or the child fails for any reason other than the
-    search itself, :meth:`result` runs the search in this process. The result is the same
-    either way.
+    :meth:`start` forks a child process (Linux, two or more CPUs) that runs
+    :func:`find_eyes_near` while the parent goes on (the search holds the GIL for much of its
+    time, so a thread would not overlap); :meth:`result` waits for it. Where forking is not
+    available, or the child fails for any reason other than the search itself,
+    :meth:`result` runs the search in this process. The result is the same either way.
     """
 
-    def __init__(self, case: Case, hu: HuProvider, conn: Any = None, proc: Any = None) -> None:
+    def __init__(
+        self, case: Case, contoured: EyeLandmarks, conn: Any = None, proc: Any = None
+    ) -> None:
         self._case = case
-        self._hu = hu
+        self._contoured = contoured
         self._conn = conn
         self._proc = proc
 
     @classmethod
-    def start(cls, case: Case, hu: HuProvider) -> ImageEyeSearch:
-        """Start the search (in a child process when that can run in parallel)."""
+    def start(cls, case: Case, contoured: EyeLandmarks) -> ImageEyeSearch:
+        """Start the search near ``contoured`` (in a child process when that runs in parallel)."""
         if not _can_fork():
-            return cls(case, hu)
+            return cls(case, contoured)
         ctx = multiprocessing.get_context("fork")
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_eye_search_child, args=(case, hu, child), daemon=True)
+        proc = ctx.Process(target=_eye_search_child, args=(case, contoured, child), daemon=True)
         try:
             proc.start()
         except (OSError, AssertionError) as exc:  # e.g. inside a daemonic worker process
             log.debug("eye search runs inline (cannot fork: %s)", exc)
             parent.close()
             child.close()
-            return cls(case, hu)
+            return cls(case, contoured)
         child.close()
-        return cls(case, hu, parent, proc)
+        return cls(case, contoured, parent, proc)
 
     def result(self) -> tuple[EyeLandmarks | None, str]:
         """(landmarks found in the image, "") or (None, why the search failed)."""
@@ -219,7 +253,7 @@ class ImageEyeSearch:
                 return None, str(value)
             log.debug("eye search child failed; running it in this process")
         try:
-            return find_eyes_in_image(self._hu(), self._case.ct.grid), ""
+            return find_eyes_near(self._case, self._contoured), ""
         except LandmarkError as exc:
             return None, str(exc)
 
@@ -230,10 +264,10 @@ def _can_fork() -> bool:
     return not multiprocessing.current_process().daemon
 
 
-def _eye_search_child(case: Case, hu: HuProvider, conn: Any) -> None:
+def _eye_search_child(case: Case, contoured: EyeLandmarks, conn: Any) -> None:
     """Child of :meth:`ImageEyeSearch.start`: send ("ok", landmarks) or the failure."""
     try:
-        conn.send(("ok", find_eyes_in_image(hu(), case.ct.grid)))
+        conn.send(("ok", find_eyes_near(case, contoured)))
     except LandmarkError as exc:
         conn.send(("landmark_error", str(exc)))
     except BaseException:  # anything else: the parent reruns the search and sees it
@@ -251,9 +285,10 @@ def find_landmarks(
 ) -> EyeLandmarks:
     """Eye landmarks from contours and/or the image, as ``options.eyes`` says.
 
-    ``hu`` supplies the CT in HU for the image search (default: decode it on demand). With
-    ``defer_check``, the image cross-check of contoured eyes is not run here: the contoured
-    landmarks are returned and the caller runs it (see :func:`deface_case`).
+    ``hu`` supplies the CT in HU for the image search (default: decode it on demand). The
+    cross-check of contoured eyes searches the slab around them (:func:`find_eyes_near`);
+    with ``defer_check`` it is not run here: the contoured landmarks are returned and the
+    caller runs it (see :func:`deface_case`).
     """
     hu = hu or case.ct.hu_volume
     thickness = case.ct.grid.spacing_mm[0]
@@ -273,7 +308,7 @@ def find_landmarks(
             else:
                 if options.eyes == "auto" and options.eye_check and not defer_check:
                     try:
-                        image = find_eyes_in_image(hu(), case.ct.grid)
+                        image = find_eyes_near(case, contoured)
                     except LandmarkError as exc:
                         return cross_check(contoured, None, str(exc))
                     return cross_check(contoured, image)
@@ -346,7 +381,7 @@ def deface_case(
         and landmarks.source != "image"
         and case.structure_set is not None
     ):
-        search = ImageEyeSearch.start(case, hu)
+        search = ImageEyeSearch.start(case, landmarks)
     timings["landmarks"] = time.perf_counter() - t0
     t = time.perf_counter()
     region = build_region(case, landmarks, options, hu)

@@ -19,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -194,24 +197,44 @@ def check_output_free(out_dir: Path) -> Path:
     return out_dir
 
 
+PARALLEL_WRITE_MIN_OBJECTS = 64
+"""Cases with at least this many objects are written by two processes (where possible)."""
+
+
 def write_atomic(
-    outputs: Sequence[OutputObject], out_dir: Path, extra_files: Mapping[str, bytes] = {}
+    outputs: Sequence[OutputObject],
+    out_dir: Path,
+    extra_files: Mapping[str, bytes] = {},
+    *,
+    parallel: bool = False,
 ) -> Path:
     """Write a case into ``out_dir`` atomically (temporary sibling, then rename).
+
+    With ``parallel`` (and Linux, two or more CPUs, at least
+    :data:`PARALLEL_WRITE_MIN_OBJECTS` objects), a forked child process encodes and writes
+    half of the CT slices while this process writes the rest: pydicom's encoder holds the GIL,
+    so threads would not help. The result is byte-identical; any failure of either process
+    leaves nothing behind.
 
     Raises
     ------
     OutputError
-        ``out_dir`` exists and is not an empty directory, or it lies inside an input.
+        ``out_dir`` exists and is not an empty directory, or it lies inside an input, or the
+        writing child process failed.
     """
     out_dir = check_output_free(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".rtdeface-partial-", dir=out_dir.parent))
     try:
-        for obj in outputs:
-            path = tmp / obj.relpath
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pydicom.dcmwrite(path, obj.dataset, enforce_file_format=True)
+        for folder in sorted({(tmp / o.relpath).parent for o in outputs}):
+            folder.mkdir(parents=True, exist_ok=True)
+        mine, theirs = _split(outputs) if parallel else (list(outputs), [])
+        child = _start_writer(theirs, tmp) if theirs else None
+        if theirs and child is None:
+            mine = list(outputs)
+        _write_objects(mine, tmp)
+        if child is not None:
+            _join_writer(child)
         for name, data in extra_files.items():
             (tmp / name).write_bytes(data)
         if out_dir.exists():
@@ -221,3 +244,73 @@ def write_atomic(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_objects(outputs: Sequence[OutputObject], folder: Path) -> None:
+    for obj in outputs:
+        pydicom.dcmwrite(folder / obj.relpath, obj.dataset, enforce_file_format=True)
+
+
+def _split(outputs: Sequence[OutputObject]) -> tuple[list[OutputObject], list[OutputObject]]:
+    """(this process's objects, the child's): the child takes the second half of the CT."""
+    if len(outputs) < PARALLEL_WRITE_MIN_OBJECTS or not _can_fork():
+        return list(outputs), []
+    ct = [o for o in outputs if o.role == "CT"]
+    rest = [o for o in outputs if o.role != "CT"]
+    half = len(ct) // 2
+    return rest + ct[:half], ct[half:]
+
+
+def _can_fork() -> bool:
+    if not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
+        return False
+    return not multiprocessing.current_process().daemon
+
+
+def _start_writer(outputs: Sequence[OutputObject], folder: Path) -> Any:
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_writer_child, args=(outputs, folder, child), daemon=True)
+    try:
+        proc.start()
+    except (OSError, AssertionError) as exc:  # e.g. inside a daemonic worker process
+        log.debug("writing in one process (cannot fork: %s)", exc)
+        parent.close()
+        child.close()
+        return None
+    child.close()
+    return proc, parent
+
+
+def _writer_child(outputs: Sequence[OutputObject], folder: Path, conn: Any) -> None:
+    try:
+        _write_objects(outputs, folder)
+        conn.send("")
+    except BaseException as exc:
+        conn.send(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
+    finally:
+        conn.close()
+
+
+def _join_writer(child: Any) -> None:
+    proc, conn = child
+    message: str | None = None
+    try:
+        if conn.poll(WRITER_TIMEOUT_S):
+            message = conn.recv()
+    except (EOFError, OSError):
+        message = None
+    finally:
+        conn.close()
+        if message is None and proc.is_alive():
+            proc.kill()
+        proc.join()
+    if message is None or message or proc.exitcode != 0:
+        raise OutputError(
+            f"writing the CT slices failed in the writer process ({message or 'no answer'}); "
+            "check the output folder's disk space and permissions"
+        )
+
+
+WRITER_TIMEOUT_S = 600.0
+"""Longest wait (s) for the writing child process of :func:`write_atomic`."""

@@ -1,0 +1,375 @@
+"""The fast paths give the same results as the general ones.
+
+Raw sequence bytes (:mod:`rtdeface.rawseq`), de-identification of raw datasets (inert
+sequences scanned, not parsed; outcomes memoised across slices; values encoded once),
+vectorised DS formatting, even-odd areas by containment depth, the slab search for the eyes,
+the forked eye search and the two-process writer.
+"""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_sequence
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from shapely.geometry import Polygon
+
+from rtdeface import pipeline, rawseq, write
+from rtdeface.deid import DeidOptions, deidentify_datasets, is_inert, scan_raw_sequence
+from rtdeface.errors import OutputError
+from rtdeface.geometry import Grid, affine_from_attributes
+from rtdeface.landmarks import even_odd_area
+from rtdeface.load import load_case
+from rtdeface.phantom import write_phantom_case as write_case
+from rtdeface.pipeline import DefaceOptions, ImageEyeSearch, deface_case, find_landmarks
+from rtdeface.region import even_odd
+from rtdeface.structures import _fmt, format_ds
+from rtdeface.write import build_outputs, write_atomic
+from tests.test_deid import KEY, make_case
+
+# ------------------------------------------------------------------------------ raw sequences
+
+
+def _sequence(n_items: int = 3) -> DicomSequence:
+    items = []
+    for n in range(n_items):
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ref.ReferencedSOPInstanceUID = f"1.2.826.0.1.3680043.9.7777.{100 + n}"
+        item = Dataset()
+        item.ContourImageSequence = DicomSequence([ref])
+        item.ContourGeometricType = "CLOSED_PLANAR"
+        item.NumberOfContourPoints = 2
+        item.ContourData = [f"{v}" for v in (1.5, -2.0, n, 3.25, 4.0, n)]
+        items.append(item)
+    return DicomSequence(items)
+
+
+def _encoded(implicit: bool, little: bool, undefined: bool) -> bytes:
+    ds = Dataset()
+    ds.ContourSequence = _sequence()
+    elem = ds["ContourSequence"]
+    if undefined:
+        for item in elem.value:
+            item.is_undefined_length_sequence_item = True
+            item.ContourImageSequence[0].is_undefined_length_sequence_item = True
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = implicit
+    fp.is_little_endian = little
+    write_sequence(fp, elem, ["iso8859"])
+    return fp.getvalue()
+
+
+ENCODINGS = [
+    pytest.param(False, True, False, id="explicit-LE"),
+    pytest.param(True, True, False, id="implicit-LE"),
+    pytest.param(False, False, False, id="explicit-BE"),
+    pytest.param(False, True, True, id="explicit-LE-undefined-items"),
+    pytest.param(True, True, True, id="implicit-LE-undefined-items"),
+]
+
+
+@pytest.mark.parametrize(("implicit", "little", "undefined"), ENCODINGS)
+def test_raw_walk_finds_every_element_with_its_value(
+    implicit: bool, little: bool, undefined: bool
+) -> None:
+    buf = _encoded(implicit, little, undefined)
+    codec = rawseq.Codec(implicit, little)
+    walked = [(e.tag, e.vr, buf[e.value_start : e.value_end]) for e in rawseq.walk(buf, codec)]
+    fast = [(t, vr, buf[s:e]) for t, vr, s, e in rawseq.walk_tags(buf, codec)]
+    assert sorted(fast) == sorted(walked)
+    data = [v for t, _, v in walked if t == 0x30060050]
+    assert [d.rstrip(b" ") for d in data] == [
+        b"1.5\\-2.0\\0\\3.25\\4.0\\0",
+        b"1.5\\-2.0\\1\\3.25\\4.0\\1",
+        b"1.5\\-2.0\\2\\3.25\\4.0\\2",
+    ]
+    uids = sorted(v.rstrip(b"\x00") for t, _, v in walked if t == 0x00081155)
+    assert uids == [f"1.2.826.0.1.3680043.9.7777.{100 + n}".encode() for n in range(3)]
+    assert len(rawseq.items(buf, codec)) == 3
+
+
+def test_raw_walk_rejects_truncated_bytes() -> None:
+    buf = _encoded(False, True, False)
+    with pytest.raises(rawseq.RawSequenceError):
+        list(rawseq.walk(buf[:-7], rawseq.Codec(False, True)))
+    with pytest.raises(rawseq.RawSequenceError):
+        list(rawseq.walk_tags(buf[:-7], rawseq.Codec(False, True)))
+
+
+@pytest.mark.parametrize(("implicit", "little", "undefined"), ENCODINGS)
+def test_rebuilt_items_parse_back_with_pydicom(
+    implicit: bool, little: bool, undefined: bool
+) -> None:
+    buf = _encoded(implicit, little, undefined)
+    codec = rawseq.Codec(implicit, little)
+    first, second, _third = rawseq.items(buf, codec)
+    number = rawseq.encode_element(0x30060048, "IS", rawseq.pad(b"7", "IS"), codec)
+    rebuilt = rawseq.rebuild_item(buf, codec, second, {0x30060048: number, 0x30060042: None})
+    value = buf[first.start : first.end] + rebuilt
+    ds = Dataset()
+    ds.set_original_encoding(implicit, little)
+    ds[0x30060040] = rawseq.raw_sequence_element(0x30060040, value, codec)
+    items = ds.ContourSequence
+    assert len(items) == 2
+    assert items[0].ContourGeometricType == "CLOSED_PLANAR"
+    assert "ContourGeometricType" not in items[1] and items[1].ContourNumber == 7
+    assert [float(v) for v in items[1].ContourData] == [1.5, -2.0, 1.0, 3.25, 4.0, 1.0]
+    ref = items[1].ContourImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == "1.2.826.0.1.3680043.9.7777.101"
+
+
+# ------------------------------------------------------------------------------ inert elements
+
+
+@pytest.mark.parametrize(
+    ("tag", "vr", "inert"),
+    [
+        (0x30060050, "DS", True),  # ContourData
+        (0x30060042, "CS", True),  # ContourGeometricType
+        (0x00081155, "UI", True),  # ReferencedSOPInstanceUID (U: remapped)
+        (0x30060016, "SQ", True),  # ContourImageSequence
+        (0x00100010, "PN", False),  # PatientName
+        (0x30060026, "LO", False),  # ROIName (label kept only when safe)
+        (0x00081110, "SQ", False),  # ReferencedStudySequence (X/Z in the table)
+        (0x00090010, "LO", False),  # private creator
+        (0x30060028, "ST", False),  # ROIDescription
+    ],
+)
+def test_inert_elements(tag: int, vr: str, inert: bool) -> None:
+    assert is_inert(tag, vr) is inert
+
+
+def test_a_private_element_inside_contour_items_is_not_inert() -> None:
+    seq = _sequence(2)
+    seq[1].private_block(0x0011, "ACME", create=True).add_new(0x01, "LO", "DOE^JOHN")
+    ds = Dataset()
+    ds.ContourSequence = seq
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = False, True
+    write_sequence(fp, ds["ContourSequence"], ["iso8859"])
+    assert scan_raw_sequence(fp.getvalue(), False, True).inert is False
+    assert scan_raw_sequence(_encoded(False, True, False), False, True).inert is True
+
+
+# ------------------------------------------------------------------------------ de-identification
+
+
+def _flat(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, str]]:
+    for elem in ds:
+        if elem.tag == 0x7FE00010:
+            continue
+        path = f"{prefix}{elem.tag}"
+        if elem.VR == "SQ":
+            for n, item in enumerate(elem.value):
+                yield from _flat(item, f"{path}[{n}].")
+        else:
+            yield path, str(elem.value)
+
+
+def _write_read(datasets: list[Dataset], folder: Path) -> list[Dataset]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n, ds in enumerate(datasets):
+        path = folder / f"{n}.dcm"
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        out.append(pydicom.dcmread(path))
+    return out
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_raw_datasets_deidentify_like_parsed_ones(tmp_path: Path, syntax: str) -> None:
+    """Files read back (raw elements: memo, inert scans, raw values) = datasets in memory."""
+    case = make_case()
+    for ds in case:
+        ds.file_meta.TransferSyntaxUID = syntax
+    # more slices, so that memoised outcomes are replayed
+    cts = [copy.deepcopy(case[0]) for _ in range(4)]
+    for n, ct in enumerate(cts):
+        ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.9.8{n}"
+    case = [*cts, *case]
+    raw = _write_read(case, tmp_path / "in")
+    parsed = copy.deepcopy(case)
+    rec_raw = deidentify_datasets(raw, DeidOptions(key=KEY), ct_defaced=True)
+    rec_parsed = deidentify_datasets(parsed, DeidOptions(key=KEY), ct_defaced=True)
+    out_raw = _write_read(raw, tmp_path / "raw")
+    out_parsed = _write_read(parsed, tmp_path / "parsed")
+    for a, b in zip(out_raw, out_parsed, strict=True):
+        assert dict(_flat(a)) == dict(_flat(b))
+    assert rec_raw.pseudonym == rec_parsed.pseudonym
+    assert {k: v for k, v in rec_raw.action_counts.items() if k != "U"} == {
+        k: v for k, v in rec_parsed.action_counts.items() if k != "U"
+    }
+
+
+def test_raw_structure_set_sequence_keeps_contours_and_maps_references(tmp_path: Path) -> None:
+    """The ROIContourSequence stays raw through de-identification; its UIDs still resolve."""
+    case_dir = tmp_path / "case"
+    write_case(case_dir, "hfs")
+    case = load_case(case_dir)
+    defaced = deface_case(case, DefaceOptions(eye_check=False))
+    outputs, _ = build_outputs(defaced, DeidOptions(key=KEY))
+    ss = next(o.dataset for o in outputs if o.role == "RTSTRUCT")
+    assert isinstance(ss.get_item("ROIContourSequence"), pydicom.dataelem.RawDataElement)
+    cts = {str(o.dataset.SOPInstanceUID) for o in outputs if o.role == "CT"}
+    refs = {
+        str(ref.ReferencedSOPInstanceUID)
+        for rc in ss.ROIContourSequence
+        for item in rc.ContourSequence
+        for ref in item.get("ContourImageSequence", [])
+    }
+    assert refs and refs <= cts
+    before = {
+        int(rc.ReferencedROINumber): len(rc.ContourSequence)
+        for rc in defaced.structures.dataset.ROIContourSequence  # type: ignore[union-attr]
+    }
+    after = {int(rc.ReferencedROINumber): len(rc.ContourSequence) for rc in ss.ROIContourSequence}
+    assert after == before
+
+
+# ------------------------------------------------------------------------------ numbers
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.floats(min_value=-1e5, max_value=1e5, allow_nan=False) | st.sampled_from([0.0, -0.0]),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_vectorised_ds_strings_equal_the_scalar_ones(values: list[float]) -> None:
+    assert format_ds(np.asarray(values)) == [_fmt(v) for v in values]
+
+
+def _ring(x0: float, y0: float, x1: float, y1: float) -> Polygon:
+    return Polygon([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+
+
+@pytest.mark.parametrize(
+    ("polygons", "area"),
+    [
+        pytest.param([_ring(0, 0, 10, 10), _ring(2, 2, 4, 4)], 96.0, id="hole"),
+        pytest.param(
+            [_ring(0, 0, 10, 10), _ring(2, 2, 8, 8), _ring(4, 4, 6, 6)], 68.0, id="island-in-hole"
+        ),
+        pytest.param([_ring(0, 0, 2, 2), _ring(5, 5, 6, 6)], 5.0, id="apart"),
+        pytest.param([_ring(0, 0, 4, 4), _ring(2, 2, 6, 6)], 24.0, id="crossing"),
+        pytest.param([_ring(0, 0, 4, 4), _ring(4, 0, 8, 4)], 32.0, id="touching"),
+        pytest.param([_ring(0, 0, 4, 4), _ring(0, 0, 4, 4)], 0.0, id="cancelling"),
+        pytest.param([_ring(0, 0, 4, 4), _ring(0, 0, 2, 2)], 12.0, id="hole-on-edge"),
+    ],
+)
+def test_even_odd_area_by_depth(polygons: list[Polygon], area: float) -> None:
+    assert math.isclose(even_odd_area(polygons), area, abs_tol=1e-9)
+    assert math.isclose(even_odd_area(polygons), even_odd(polygons).area, abs_tol=1e-9)
+
+
+# ------------------------------------------------------------------------------ eyes
+
+
+def test_slab_grid_maps_indices_like_the_whole_grid() -> None:
+    affine = affine_from_attributes([-100.0, 50.0, -30.0], [1, 0, 0, 0, 1, 0], [0.8, 0.9], 2.5)
+    grid = Grid(affine, (40, 64, 70))
+    slab = grid.slab(10, 25)
+    assert slab.shape == (15, 64, 70)
+    kij = np.array([[0, 3, 4], [14, 63, 69]], dtype=float)
+    np.testing.assert_allclose(slab.to_patient(kij), grid.to_patient(kij + np.array([10, 0, 0])))
+    with pytest.raises(Exception, match="outside"):
+        grid.slab(30, 41)
+
+
+def test_forked_eye_search_equals_the_inline_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_case(tmp_path / "case", "hfs")
+    case = load_case(tmp_path / "case")
+    contoured = find_landmarks(case, DefaceOptions(eye_check=False))
+    forked = ImageEyeSearch.start(case, contoured)
+    assert forked._proc is not None  # a child ran (Linux, two CPUs)
+    image_forked, error_forked = forked.result()
+    monkeypatch.setattr(pipeline, "_can_fork", lambda: False)
+    image_inline, error_inline = ImageEyeSearch.start(case, contoured).result()
+    assert error_forked == error_inline == ""
+    assert image_forked is not None and image_inline is not None
+    assert image_forked.z_inferior_mm == image_inline.z_inferior_mm
+    assert image_forked.y_mid_mm == image_inline.y_mid_mm
+    assert image_forked.confidence == image_inline.confidence
+    synchronous = deface_case(case).landmarks.cross_check
+    deferred = pipeline.complete_eye_check(
+        deface_case(case, defer_eye_check=True)
+    ).landmarks.cross_check
+    assert synchronous == deferred and synchronous is not None and synchronous.agree
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def test_two_process_writer_writes_the_same_bytes(tmp_path: Path) -> None:
+    write_case(tmp_path / "case", "hfs")
+    case = load_case(tmp_path / "case")
+    outputs, _ = build_outputs(deface_case(case, DefaceOptions(eye_check=False)), None)
+    assert len(outputs) >= write.PARALLEL_WRITE_MIN_OBJECTS
+    write_atomic(outputs, tmp_path / "serial")
+    write_atomic(outputs, tmp_path / "parallel", parallel=True)
+    names = sorted(
+        str(p.relative_to(tmp_path / "serial")) for p in (tmp_path / "serial").rglob("*")
+    )
+    assert names == sorted(
+        str(p.relative_to(tmp_path / "parallel")) for p in (tmp_path / "parallel").rglob("*")
+    )
+    files = [n for n in names if n.endswith(".dcm")]
+    match, mismatch, errors = filecmp.cmpfiles(
+        tmp_path / "serial", tmp_path / "parallel", files, shallow=False
+    )
+    assert not mismatch and not errors and len(match) == len(files)
+
+
+def test_a_failing_writer_child_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_case(tmp_path / "case", "hfs")
+    case = load_case(tmp_path / "case")
+    outputs, _ = build_outputs(deface_case(case, DefaceOptions(eye_check=False)), None)
+    last_ct = [o.relpath for o in outputs if o.role == "CT"][-1]
+    real = pydicom.dcmwrite
+
+    def failing(path: Path, *args: object, **kwargs: object) -> None:
+        if str(path).endswith(last_ct):  # written by the child (second half of the CT)
+            raise OSError(28, "No space left on device")
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(write.pydicom, "dcmwrite", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="No space left"):
+        write_atomic(outputs, out, parallel=True)
+    assert not out.exists()
+    assert not any(p.name.startswith(".rtdeface-partial-") for p in tmp_path.iterdir())
+
+
+def test_file_meta_of_a_dataset_built_in_memory_survives_copy() -> None:
+    from rtdeface.load import copy_dataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds.PatientName = "A^B"
+    ds.ImagePositionPatient = [1.0, 2.0, 3.0]
+    new = copy_dataset(ds)
+    new.PatientName = "C^D"
+    new.ImagePositionPatient = [0.0, 0.0, 0.0]
+    new.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert ds.PatientName == "A^B" and list(ds.ImagePositionPatient) == [1.0, 2.0, 3.0]
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
