@@ -73,7 +73,6 @@ from rtdeface.uids import (
     SameLengthTable,
     UidMapper,
     element_vr,
-    remap_uids_raw,
 )
 
 logger = logging.getLogger(__name__)
@@ -996,6 +995,8 @@ class _Context:
         default_factory=dict
     )
     stamps: dict[tuple[tuple[str, ...], _RawForm | None], Dataset] = field(default_factory=dict)
+    mapper: UidMapper | None = None
+    uid_table: SameLengthTable | None = None
 
 
 def _short(value: object) -> str:
@@ -1138,16 +1139,27 @@ _OWNER_DEPENDENT = frozenset({"StudyID", "AccessionNumber", *LABEL_FIELDS})
 
 
 def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
+    """Apply the policy to every element of ``ds`` (and its items), remapping UIDs as it goes.
+
+    Raw elements stay raw wherever the outcome allows: numbers the table does not list are
+    never converted, UIDs are rewritten in their bytes (same-length keyed values), raw inert
+    sequences are scanned and spliced, and other outcomes are memoised (see :class:`_Outcome`).
+    """
     form = _raw_form(ds) if prefix == "" else None
+    uid_tags: list[BaseTag] = []  # remapped after the policy (StudyID is keyed on the original)
     for tag in list(ds.keys()):
         if tag not in ds:  # removed together with an earlier element
             continue
-        vr = element_vr(ds, tag)
+        raw = ds.get_item(tag)
+        vr = raw.VR or element_vr(ds, tag)
         if vr in _UNTOUCHED_VRS and not tag.is_private and table_action(int(tag)) is None:
             continue  # numbers and binary data the table does not list: kept, never converted
+        if vr == "UI" and is_inert(int(tag), "UI"):
+            uid_tags.append(tag)  # the policy is "keep, remap"
+            continue
         if vr == "SQ" and ctx.scans.inert(ds, tag) is not None:
-            continue  # raw sequence of inert elements (e.g. ROIContourSequence): UIDs only
-        raw = ds.get_item(tag)
+            if _splice_sequence(ds, tag, raw, ctx):
+                continue  # raw sequence of inert elements (e.g. ROIContourSequence): UIDs only
         key = None
         if (
             ctx.memo is not None
@@ -1170,9 +1182,61 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
         if key is not None and ctx.memo is not None:
             outcome = _record(ds, tag, raw, elem, values_before, ctx.counts - before, form)
             ctx.memo[key] = outcome
+        if tag in ds and elem.VR == "UI":
+            uid_tags.append(tag)
         if recurse and elem.VR == "SQ" and elem.value:
             for index, item in enumerate(elem.value):
                 _process_dataset(item, ctx, f"{path}[{index}].")
+    for tag in uid_tags:
+        if tag in ds:
+            _remap_element(ds, tag, ds.get_item(tag), ctx)
+
+
+def _remap_element(
+    ds: Dataset, tag: BaseTag, elem: DataElement | RawDataElement, ctx: _Context
+) -> None:
+    """Rewrite the UID values of one UI element through the case's mapping (in place)."""
+    table, mapper = ctx.uid_table, ctx.mapper
+    if table is None or mapper is None:
+        return
+    value = elem.value
+    if isinstance(elem, RawDataElement) and isinstance(value, bytes):
+        if table.fallback and any(
+            u.strip(" \x00") in table.fallback for u in value.decode("ascii", "replace").split("\\")
+        ):
+            elem = ds[tag]  # a UID without a same-length mapping: rewrite the parsed value
+        else:
+            new = table.sub(value)
+            if new != value:
+                ds[tag] = elem._replace(value=new)
+                ctx.counts["U"] += 1
+            return
+    if not isinstance(elem, DataElement) or elem.value in (None, ""):
+        return
+    values = _str_values(elem.value)
+    mapped = [table.map(mapper, v) if v else v for v in values]
+    if mapped != values:
+        elem.value = mapped[0] if len(mapped) == 1 else mapped
+        ctx.counts["U"] += 1
+
+
+def _splice_sequence(
+    ds: Dataset, tag: BaseTag, raw: DataElement | RawDataElement, ctx: _Context
+) -> bool:
+    """Rewrite the UIDs of a raw inert sequence in its bytes; False when it must be parsed."""
+    table = ctx.uid_table
+    if table is None or not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes):
+        return table is None
+    scan = ctx.scans.scan(raw)
+    if table.fallback and scan.uids & table.fallback:
+        return False  # a UID without a same-length mapping inside: parse and process it
+    new = splice_uids(raw.value, scan.ui_spans, table)
+    if new is None:
+        return False
+    if new != raw.value:
+        ds[tag] = raw._replace(value=new)
+        ctx.counts["U"] += 1
+    return True
 
 
 def _record(
@@ -1563,35 +1627,26 @@ def _make_context(datasets: Sequence[Dataset], options: DeidOptions) -> _Context
 def _deidentify(datasets: Sequence[Dataset], ctx: _Context, *, ct_defaced: bool) -> None:
     options = ctx.options.applied_options(ct_defaced=ct_defaced)
     class_uids, uids = _uid_inventory(datasets, ctx.scans)
-    mapper = UidMapper(ctx.options.key, ctx.options.uid_root)
+    ctx.mapper = UidMapper(ctx.options.key, ctx.options.uid_root)
     # one keyed mapping for the whole case; same-length where possible, so raw bytes (large
     # structure-set sequences, CT headers) are rewritten without being parsed
-    table = SameLengthTable.build(
-        mapper,
+    ctx.uid_table = SameLengthTable.build(
+        ctx.mapper,
         {u for u in uids if u not in class_uids and not u.startswith(REGISTERED_UID_ROOT)},
     )
     if ctx.events is not None:
         ctx.memo = None  # every element is visited and described
-
-    def splice(elem: RawDataElement) -> bytes | None:
-        scan = ctx.scans.scan(elem)
-        value = elem.value
-        if not scan.inert or not isinstance(value, bytes):
-            return None
-        return splice_uids(value, scan.ui_spans, table)
-
     for ds in datasets:
+        if ctx.events is not None:
+            for path, _owner, elem in iter_elements(ds, vrs=_UI):
+                for value in _str_values(elem.value) if elem.VR == "UI" else []:
+                    new = ctx.uid_table.map(ctx.mapper, value)
+                    if new != value:
+                        _note(ctx, path, elem, "U", value, new, count=False)
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
             _process_dataset(meta, ctx, "file_meta.")
         _process_dataset(ds, ctx, "")
-        if ctx.events is not None:
-            for path, _owner, elem in iter_elements(ds, vrs=_UI):
-                for value in _str_values(elem.value) if elem.VR == "UI" else []:
-                    new = table.map(mapper, value)
-                    if new != value:
-                        _note(ctx, path, elem, "U", value, new, count=False)
-        ctx.counts["U"] += remap_uids_raw(ds, mapper, table, splice=splice)
         _stamp(ds, ctx, options)
     logger.debug("de-identified %d object(s): %s", len(datasets), dict(ctx.counts))
 
