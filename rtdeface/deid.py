@@ -755,8 +755,23 @@ class SequenceScan:
     ui_spans: tuple[tuple[int, int], ...] = ()
 
 
-class _SequenceScans:
+class SequenceScans:
     """Scans of raw sequence values of one case, by value (each value is walked once)."""
+
+    def splicer(self, table: SameLengthTable) -> Callable[[RawDataElement], bytes | None]:
+        """A ``splice`` hook for :func:`rtdeface.uids.remap_uids_raw`: inert raw sequences are
+        rewritten at their UI values' positions instead of being searched."""
+
+        def splice(elem: RawDataElement) -> bytes | None:
+            scan = self.scan(elem)
+            value = elem.value
+            if not scan.inert or not isinstance(value, bytes):
+                return None
+            if table.fallback and scan.uids & table.fallback:
+                return None
+            return splice_uids(value, scan.ui_spans, table)
+
+        return splice
 
     def __init__(self) -> None:
         self._by_value: dict[bytes, SequenceScan] = {}
@@ -833,7 +848,7 @@ def splice_uids(
 def _iter_deid(
     ds: Dataset,
     vrs: frozenset[str],
-    scans: _SequenceScans,
+    scans: SequenceScans,
     want: Callable[[BaseTag, str], bool] | None = None,
 ) -> Iterator[tuple[str, Dataset, DataElement]]:
     """:func:`iter_elements`, but raw inert sequences are scanned, not parsed or yielded.
@@ -872,7 +887,7 @@ def _token_source(tag: BaseTag, vr: str) -> bool:
 
 
 def case_identity_tokens(
-    datasets: Iterable[Dataset], scans: _SequenceScans | None = None
+    datasets: Iterable[Dataset], scans: SequenceScans | None = None
 ) -> frozenset[str]:
     """Lower-case words that identify the case: person-name parts, IDs and site names.
 
@@ -881,7 +896,7 @@ def case_identity_tokens(
     elements (:func:`is_inert`, e.g. ROIContourSequence) hold no such words and are not parsed.
     """
     tokens: set[str] = set()
-    scans = _SequenceScans() if scans is None else scans
+    scans = SequenceScans() if scans is None else scans
     for ds in datasets:
         for _path, _owner, elem in _iter_deid(ds, TEXT_VRS, scans, _token_source):
             if elem.VR == "SQ" or elem.tag.is_private:
@@ -990,7 +1005,7 @@ class _Context:
     original_patient_id: str
     counts: Counter[str] = field(default_factory=Counter)
     events: list[WhatIfEntry] | None = None
-    scans: _SequenceScans = field(default_factory=lambda: _SequenceScans())
+    scans: SequenceScans = field(default_factory=lambda: SequenceScans())
     memo: dict[tuple[int, str, bytes, _RawForm | None], _Outcome] | None = field(
         default_factory=dict
     )
@@ -1531,7 +1546,7 @@ def _keyed_identifier(ctx: _Context, path: str, owner: Dataset, elem: DataElemen
         _set(ctx, path, owner, elem, "keyed_id", new)
 
 
-def _uid_inventory(datasets: Iterable[Dataset], scans: _SequenceScans) -> tuple[set[str], set[str]]:
+def _uid_inventory(datasets: Iterable[Dataset], scans: SequenceScans) -> tuple[set[str], set[str]]:
     """(class UIDs, every UID value) of the datasets, at every depth, file meta included.
 
     Raw UI elements are read from their bytes; raw inert sequences from their scan.
@@ -1613,7 +1628,7 @@ def _make_context(datasets: Sequence[Dataset], options: DeidOptions) -> _Context
         if options.modified_dates
         else 0
     )
-    scans = _SequenceScans()
+    scans = SequenceScans()
     return _Context(
         options=options,
         pseudonym=pseudonym_for(patient_id, options),

@@ -180,26 +180,44 @@ def _planes(contours: Sequence[Contour]) -> dict[float, list[Contour]]:
 
 
 def closed_volume_ml(contours: Sequence[Contour], default_thickness_mm: float) -> float:
-    """Volume (mL) of closed planar contours: even-odd area per plane x plane spacing."""
+    """Volume (mL) of closed planar contours: even-odd area per plane x plane spacing.
+
+    Vectorised: all rings are built and measured in one shapely call each; planes with one
+    valid contour take its area, others go through :func:`even_odd_area` (invalid contours
+    are repaired first with :func:`rtdeface.region.polygon_from_points`).
+    """
     closed = [c for c in contours if c.geometric_type == "CLOSED_PLANAR"]
-    planes = _planes(closed)
-    if not planes:
+    if not closed:
         return 0.0
-    zs = np.asarray(sorted(planes), dtype=np.float64)
-    thickness = float(np.median(np.diff(zs))) if zs.size > 1 else default_thickness_mm
-    single = [planes[z][0].points_lps_mm[:, :2] for z in planes if len(planes[z]) == 1]
-    single = [xy for xy in single if len(xy) >= 3]
+    lengths = np.asarray([len(c.points_lps_mm) for c in closed], dtype=np.int64)
+    flat = np.concatenate([c.points_lps_mm for c in closed])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    zs = np.add.reduceat(flat[:, 2], starts) / lengths
+    groups = group_planes(zs.tolist())
+    plane_z = np.asarray([float(np.mean(zs[g])) for g in groups], dtype=np.float64)
+    thickness = float(np.median(np.diff(plane_z))) if plane_z.size > 1 else default_thickness_mm
+    ringable = lengths >= 3
+    polys = np.full(len(closed), None, dtype=object)
+    if ringable.any():
+        keep = np.repeat(ringable, lengths)
+        index = np.repeat(np.arange(len(closed)), lengths)[keep]
+        rings = shapely.linearrings(flat[keep][:, :2], indices=index)
+        polys[ringable] = shapely.polygons(rings)
+    valid = np.zeros(len(closed), dtype=bool)
+    valid[ringable] = shapely.is_valid(polys[ringable].astype(object))
+
+    def polygon(i: int) -> BaseGeometry:
+        if valid[i]:
+            return polys[i]
+        return polygon_from_points(closed[i].points_lps_mm)
+
     area = 0.0
-    if single:  # one contour on a plane: vectorised (valid polygons need no repair)
-        polys = shapely.polygons([shapely.linearrings(xy) for xy in single])
-        valid = shapely.is_valid(polys)
-        area += float(shapely.area(polys[valid]).sum())
-        area += sum(polygon_from_points(single[i]).area for i in np.flatnonzero(~valid))
-    area += sum(
-        even_odd_area([polygon_from_points(c.points_lps_mm) for c in planes[z]])
-        for z in planes
-        if len(planes[z]) > 1
-    )
+    for g in groups:
+        if len(g) == 1:
+            i = g[0]
+            area += float(shapely.area(polys[i])) if valid[i] else polygon(i).area
+        else:
+            area += even_odd_area([polygon(i) for i in g])
     return float(area * thickness / 1000.0)
 
 

@@ -80,8 +80,15 @@ def _copy_elements(ds: Dataset) -> dict[BaseTag, DataElement | RawDataElement]:
                 elem.tag, "SQ", DicomSequence([copy_dataset(item) for item in elem.value or []])
             )
         else:
-            elements[tag] = copy.copy(elem)
+            elements[tag] = _shallow_copy(elem)
     return elements
+
+
+def _shallow_copy(elem: DataElement) -> DataElement:
+    """A new element object sharing ``elem``'s value (what :func:`copy.copy` does, faster)."""
+    new = object.__new__(type(elem))
+    new.__dict__.update(elem.__dict__)
+    return new
 
 
 def copy_encoding(src: Dataset, dst: Dataset) -> None:

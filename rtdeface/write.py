@@ -35,7 +35,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
-from rtdeface.deid import DeidOptions, DeidRecord, deidentify_datasets
+from rtdeface.deid import DeidOptions, DeidRecord, SequenceScans, deidentify_datasets
 from rtdeface.errors import OutputError
 from rtdeface.load import copy_dataset
 from rtdeface.pipeline import DefacedCase
@@ -175,8 +175,9 @@ def build_outputs(
     else:
         mapper = UidMapper(uid_key(defaced))
         table = SameLengthTable.build(mapper, changed_uids(defaced))
+        splice = SequenceScans().splicer(table)
         for ds in datasets:
-            remap_uids_raw(ds, mapper, table)
+            remap_uids_raw(ds, mapper, table, splice=splice)
     return outputs, record
 
 
