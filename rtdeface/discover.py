@@ -178,9 +178,11 @@ def _truncated_element(ds: Dataset) -> str:
 
     pydicom does not complain when a file ends inside an element of defined length (it keeps
     the short value), so a truncated file would otherwise fail much later, e.g. when its pixel
-    data are decoded. Returns "" when every unparsed element is complete.
+    data are decoded. Returns "" when every unparsed element is complete. Only the last
+    element read can be short (the file ended there), so only it is looked at.
     """
-    for tag in ds.keys():
+    keys = list(ds.keys())
+    for tag in keys[-1:]:
         elem = ds.get_item(tag)
         if (
             isinstance(elem, RawDataElement)
@@ -409,7 +411,7 @@ def index_tree(root: Path, jobs: int | None = None, keep_datasets_bytes: int = 0
     return _tree_index(root, paths, results)
 
 
-KEEP_DATASETS_MAX_BYTES = 2 * 1024**3
+KEEP_DATASETS_MAX_BYTES = 1024**3
 """Largest tree (bytes of all files) that :func:`index_tree` may read whole, once, and keep."""
 
 
