@@ -16,12 +16,14 @@ directory and renamed into place: on any failure nothing is left behind.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -32,9 +34,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.charset import default_encoding
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, validate_file_meta
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import RLELossless
 
+from rtdeface import rawseq
 from rtdeface.deid import DeidOptions, DeidRecord, SequenceScans, deidentify_datasets
 from rtdeface.errors import OutputError
 from rtdeface.load import copy_dataset
@@ -249,7 +256,109 @@ def write_atomic(
 
 def _write_objects(outputs: Sequence[OutputObject], folder: Path) -> None:
     for obj in outputs:
-        pydicom.dcmwrite(folder / obj.relpath, obj.dataset, enforce_file_format=True)
+        write_dicom(folder / obj.relpath, obj.dataset)
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+"""Value length of delimited elements."""
+
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+"""(FFFE,E0DD) with length 0, little endian."""
+
+
+def write_dicom(path: Path, ds: Dataset) -> None:
+    """Write ``ds`` as a DICOM file: the bytes of ``pydicom.dcmwrite(path, ds,
+    enforce_file_format=True)``, faster for datasets whose elements are mostly raw.
+
+    pydicom's writer re-buffers every element; here raw (unparsed) elements in the dataset's
+    own encoding are written as header plus original value bytes, and only parsed elements go
+    through pydicom's element writer. File meta, preamble and every rule of ``dcmwrite`` that
+    applies (MediaStorage UIDs, undefined-length encapsulated pixel data, delimiters of
+    undefined-length sequences, retired group lengths dropped) are kept. Datasets this does
+    not cover (deflated or big-endian syntaxes, a changed character set or encoding) are
+    written by ``pydicom.dcmwrite`` itself.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    original_implicit, little = ds.original_encoding
+    if (
+        meta is None
+        or ts is None
+        or not ts.is_transfer_syntax
+        or ts.is_private
+        or ts == pydicom.uid.DeflatedExplicitVRLittleEndian
+        or not ts.is_little_endian
+        or (original_implicit, little) != (ts.is_implicit_VR, True)
+        or ds.original_character_set != ds._character_set
+        or any(t >> 16 in (0, 2) for t in ds.keys())
+        or (getattr(ds, "preamble", None) not in (None, b"") and len(ds.preamble) != 128)
+    ):
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        return
+    implicit = bool(original_implicit)
+    file_meta = copy.deepcopy(meta)
+    ds_class = ds.get("SOPClassUID", None)
+    if file_meta.get("MediaStorageSOPClassUID") is None or (
+        ds_class and ds_class != file_meta.get("MediaStorageSOPClassUID")
+    ):
+        file_meta.MediaStorageSOPClassUID = ds_class
+    ds_instance = ds.get("SOPInstanceUID", None)
+    if file_meta.get("MediaStorageSOPInstanceUID") is None or (
+        ds_instance and ds_instance != file_meta.get("MediaStorageSOPInstanceUID")
+    ):
+        file_meta.MediaStorageSOPInstanceUID = ds_instance
+    validate_file_meta(file_meta, enforce_standard=True)
+    preamble = getattr(ds, "preamble", None) or b"\x00" * 128
+    compressed = bool(ts.is_compressed)
+    encodings = ds.get("SpecificCharacterSet", default_encoding)
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, True
+    buf.write(preamble)
+    buf.write(b"DICM")
+    write_file_meta_info(buf, file_meta, enforce_standard=True)
+    pack_short = struct.Struct("<HH2sH").pack
+    pack_long = struct.Struct("<HH2sHI").pack
+    pack_implicit = struct.Struct("<HHI").pack
+    for tag in sorted(ds.keys()):
+        if tag.element == 0 and tag.group > 6:
+            continue  # retired group length (PS3.5 7.2)
+        elem = ds.get_item(tag)
+        if (
+            not isinstance(elem, RawDataElement)
+            or elem.value is None
+            or bool(elem.is_implicit_VR) != implicit
+            or not elem.is_little_endian
+            or (not implicit and not elem.VR)
+        ):
+            write_data_element(buf, ds[tag], encodings)
+            continue
+        value = elem.value
+        undefined = elem.length == UNDEFINED_LENGTH
+        if tag == 0x7FE00010:
+            undefined = compressed  # PS3.5 A.4: encapsulated pixel data has undefined length
+            if undefined and not value.startswith(b"\xfe\xff\x00\xe0"):
+                write_data_element(buf, ds[tag], encodings)
+                continue
+        length = UNDEFINED_LENGTH if undefined else len(value)
+        group, element = tag >> 16, tag & 0xFFFF
+        if implicit:
+            buf.write(pack_implicit(group, element, length))
+        else:  # the header rules of pydicom's write_data_element
+            vr = str(elem.VR)
+            if vr not in rawseq.LONG_LENGTH_VRS and not undefined and len(value) > 0xFFFF:
+                vr = "UN"  # pydicom relabels a value too long for a 2-byte length
+            if vr in rawseq.LONG_LENGTH_VRS:
+                buf.write(pack_long(group, element, vr.encode("ascii"), 0, length))
+            elif undefined:
+                buf.write(pack_implicit(group, element, 0)[:4] + vr.encode("ascii"))
+                buf.write(struct.pack("<I", length))
+            else:
+                buf.write(pack_short(group, element, vr.encode("ascii"), length))
+        buf.write(value)
+        if undefined:
+            buf.write(_SEQUENCE_DELIMITER)
+    with open(path, "wb") as fh:
+        fh.write(buf.getvalue())
 
 
 def _split(outputs: Sequence[OutputObject]) -> tuple[list[OutputObject], list[OutputObject]]:
