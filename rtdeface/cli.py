@@ -888,6 +888,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             pngs = case_images(orig, dfc, region, qa_dir, defaced.name, eye_x_from_report(defaced))
             v.qa_images.extend(str(p) for p in pngs)
             images.extend(pngs)
+        summary_mode: dict[str, object] | None = None
         if detectors is not None and orig is not None and dfc is not None:
             import dataclasses
 
@@ -917,8 +918,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             if not args.quiet and not args.json:
                 print(format_mode_summary(summary_mode))
         qa_dir.mkdir(parents=True, exist_ok=True)
+        doc = v.to_dict()
+        if summary_mode is not None:
+            doc["mode_summary"] = summary_mode  # privacy result and utility cost of its mode
         (qa_dir / "validation.json").write_text(
-            json.dumps(v.to_dict(), indent=1, default=float) + "\n", encoding="utf-8"
+            json.dumps(doc, indent=1, default=float) + "\n", encoding="utf-8"
         )
         results.append(v)
         if not args.quiet and not args.json:

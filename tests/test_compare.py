@@ -120,3 +120,35 @@ def test_validate_privacy_states_the_cost_of_its_mode(
     assert s["mode"] == "full-face" and s["privacy"]["faces_detected"] == 0
     assert s["utility"]["default_oar_volume_lost_ml"] == 0.0
     assert _lost(s, "BODY") == 81.70
+    v = json.loads((qa / "validation.json").read_text())
+    assert v["mode_summary"] == s
+
+
+@pytest.mark.realdata
+def test_real_case_modes_side_by_side(shared_data: Path, tmp_path: Path) -> None:
+    """The README's onko_hn_eyes rows: no face in any view in full-face mode, PTVs and default
+    OARs intact in both modes, the External and lips losses in mL."""
+    _need_privacy()
+    orig = shared_data / "onko_hn_eyes"
+    outs = []
+    for mode in ("default", "full-face"):
+        dst = tmp_path / f"onko_{mode}"
+        assert (
+            main(["-q", "deface", str(orig), "-o", str(dst), "--random-key", "--mode", mode]) == 0
+        )
+        outs.append(str(dst))
+    out = tmp_path / "cmp"
+    assert main(["-q", "compare", str(orig), *outs, "-o", str(out)]) == 1  # default shows a face
+    default, full = json.loads((out / "compare.json").read_text())["outputs"]
+    p, u = full["privacy"], full["utility"]
+    assert p["status"] == "PASS" and p["faces_detected"] == 0 and p["views_rendered"] == 15
+    assert p["max_mtcnn"] is None and p["max_dlib_hog"] < 0.0  # a clear margin below 0.10
+    assert default["privacy"]["faces_detected"] == 5
+    for s in (default, full):
+        assert s["utility"]["ptv_identical"] is True
+        assert s["utility"]["default_oar_volume_lost_ml"] == 0.0
+        assert s["utility"]["default_oar_dvh_identical"] is True
+    assert set(u["ptvs"]) == {"PTV_70cf", "SPTV 70", "PTV_56cf", "SPTV 56"}
+    assert _lost(default, "External ROI_1") == 100.24 and _lost(full, "External ROI_1") == 152.13
+    assert _lost(default, "lips") == 0.0 and _lost(full, "lips") == 0.05
+    assert "lips" in u["clipped"]
