@@ -29,6 +29,13 @@ front, threshold 0.10). The published cut is therefore continued straight down f
 as above the eyes), and the bone-level limit takes over below that band. P (PTVs, default OARs)
 stays preserved everywhere, so the band removes only unpreserved tissue and bone.
 
+Lateral coverage (a wedge-shaped surface that also cuts the cheeks and temples back at 27-63
+degrees lateral to the eyes) was measured and not adopted: over every view of the CT, BODY and
+dose surfaces it moved the descriptor distances by less than their view-to-view noise (mean gap
+to the empty-rendering distance -0.032 -> -0.004 to -0.029 on onko_hn_eyes, -0.008 -> -0.006 to
+-0.026 on the phantom), a shallow wedge let HOG find a face (0.12), and it removes far more
+tissue.
+
 The result is a :class:`rtdeface.region.FaceProfile` (one y limit per CT slice), a plain
 function of patient coordinates: every grid (CT, each dose grid) and every ROI plane samples it
 at its own positions through :class:`rtdeface.region.DefacingRegion`.
