@@ -90,10 +90,11 @@ def test_compare_modes_side_by_side(outputs: dict[str, Path]) -> None:
     doc = json.loads((out / "compare.json").read_text())
     default, full = (s["privacy"] for s in doc["outputs"])
     assert default["status"] == "FAIL" and full["status"] == "PASS"
-    assert full["faces_detected"] == 0 and default["faces_detected"] >= 1
+    assert full["faces_detected"] == 0 and default["faces_detected"] == 2
+    assert full["max_mtcnn"] is None and full["max_dlib_hog"] < 0.0
     assert full["views_rendered"] == default["views_rendered"] == 15  # CT, BODY, dose x 5
     seen = {(r["surface"], r["view"]) for r in default["views"] if r["face_detected"]}
-    assert ("CT", "below15") in seen
+    assert seen == {("CT", "below15"), ("BODY", "below15")}  # chin and lips from below
     for r in full["views"]:
         assert r["face_detected"] is False
         if r["distance"] is not None:
