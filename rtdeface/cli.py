@@ -388,6 +388,32 @@ def build_parser() -> argparse.ArgumentParser:
         "reference head]",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    p = sub.add_parser(
+        "compare",
+        help="put several defaced outputs of one case (e.g. default and full-face mode) side "
+        "by side: privacy result and utility cost (needs rtdeface[privacy] unless "
+        "--no-privacy)",
+        description="Validate every DEFACED output against ORIGINAL, run the privacy check on "
+        "each, and write compare.json, compare.md (per output: faces detected per surface and "
+        "view, descriptor distances against their baselines, per-ROI volume lost in mL, PTVs "
+        "identical, DVH changes of the default OARs) and compare.png (renderings side by "
+        "side) into OUT (default: ORIGINAL name + _compare beside the first DEFACED; never "
+        "inside a DEFACED). Exit 1 when an output fails validation or the privacy check.",
+    )
+    p.add_argument("original", type=Path, metavar="ORIGINAL")
+    p.add_argument("defaced", nargs="+", type=Path, metavar="DEFACED")
+    p.add_argument("-o", "--output", type=Path, metavar="OUT", help="folder for the comparison")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        metavar="CASE",
+        help="another subject's case for the different-face baseline (as in privacy)",
+    )
+    p.add_argument(
+        "--no-privacy", action="store_true", help="utility only (no renderings, no detectors)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
@@ -888,6 +914,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             pngs = case_images(orig, dfc, region, qa_dir, defaced.name, eye_x_from_report(defaced))
             v.qa_images.extend(str(p) for p in pngs)
             images.extend(pngs)
+        summary_mode: dict[str, object] | None = None
         if detectors is not None and orig is not None and dfc is not None:
             import dataclasses
 
@@ -908,9 +935,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 "privacy.face", status, verdict_text(pr), problems, {"report": pr.to_dict()}
             )
             v = dataclasses.replace(v, checks=(*v.checks, privacy_check))
+            from rtdeface.compare import format_mode_summary, mode_summary
+
+            summary_mode = mode_summary(defaced.name, v, orig, pr)
+            (qa_dir / "mode_summary.json").write_text(
+                json.dumps(summary_mode, indent=1) + "\n", "utf-8"
+            )
+            if not args.quiet and not args.json:
+                print(format_mode_summary(summary_mode))
         qa_dir.mkdir(parents=True, exist_ok=True)
+        doc = v.to_dict()
+        if summary_mode is not None:
+            doc["mode_summary"] = summary_mode  # privacy result and utility cost of its mode
         (qa_dir / "validation.json").write_text(
-            json.dumps(v.to_dict(), indent=1, default=float) + "\n", encoding="utf-8"
+            json.dumps(doc, indent=1, default=float) + "\n", encoding="utf-8"
         )
         results.append(v)
         if not args.quiet and not args.json:
@@ -959,6 +997,62 @@ def _cmd_privacy(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """Several defaced outputs of one original side by side (privacy and utility)."""
+    from rtdeface.compare import (
+        format_markdown,
+        format_mode_summary,
+        mode_summary,
+        side_by_side_png,
+    )
+    from rtdeface.load import load_case
+    from rtdeface.privacy import PrivacyReport, check_privacy, load_detectors
+    from rtdeface.validate import validate_pair
+
+    original = Path(args.original).absolute()
+    outputs = [Path(d).absolute() for d in args.defaced]
+    if len({d.name for d in outputs}) != len(outputs):
+        raise UsageError(
+            "compare labels outputs by folder name and got duplicates "
+            f"({', '.join(d.name for d in outputs)}); give the outputs distinct folder names"
+        )
+    out = (args.output or outputs[0].with_name(original.name + "_compare")).absolute()
+    for d in outputs:
+        if out == d or d in out.parents:
+            raise UsageError(f"--output {out} lies inside the defaced output {d}")
+        if not d.is_dir():
+            raise UsageError(f"{d}: no such defaced output folder; give a folder written by deface")
+    detectors = None if args.no_privacy else load_detectors()
+    reference = load_case(args.reference) if args.reference else None
+    orig = load_case(original)
+    summaries: list[dict[str, object]] = []
+    reports: list[tuple[str, PrivacyReport]] = []
+    ok = True
+    for d in outputs:
+        dfc = load_case(d)
+        v, _ = validate_pair(original, d, phi=False, independent=False, loaded=(orig, dfc))
+        pr = None
+        if detectors is not None:
+            pr = check_privacy(orig, dfc, out / d.name, detectors, reference=reference)
+            reports.append((d.name, pr))
+        ok &= v.ok and (pr is None or pr.ok)
+        summaries.append(mode_summary(d.name, v, orig, pr))
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"original": str(original), "outputs": summaries}
+    (out / "compare.json").write_text(json.dumps(doc, indent=1) + "\n", "utf-8")
+    (out / "compare.md").write_text(format_markdown(str(original), summaries), "utf-8")
+    if reports:
+        side_by_side_png(out / "compare.png", reports)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    elif not args.quiet:
+        print(f"compare: {original}")
+        for s in summaries:
+            print(format_mode_summary(s))
+        print(f"  tables: {out / 'compare.md'}")
+    return 0 if ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 a case failed, 2 usage)."""
     parser = build_parser()
@@ -978,6 +1072,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "privacy":
             return _cmd_privacy(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
         return _cmd_inspect(args)
     except UsageError as exc:
         print(f"rtdeface: error: {exc}", file=sys.stderr)

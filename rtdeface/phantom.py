@@ -244,6 +244,9 @@ class Variant:
         GridFrameOffsetVector holds absolute z (needs an HFS dose orientation).
     dvh : bool
         Write a small DVHSequence in the RTDOSE.
+    face_mask : bool
+        Add a thermoplastic mask shell molded to the face (:func:`add_face_mask`) to the CT.
+        The BODY ROI and every other ROI are unchanged (the mask lies outside the body).
     """
 
     name: str
@@ -261,6 +264,7 @@ class Variant:
     dose_frames_descending: bool = False
     dose_offsets_absolute: bool = False
     dvh: bool = False
+    face_mask: bool = False
 
     def __post_init__(self) -> None:
         for iop in (self.ct_orientation, self.dose_orientation):
@@ -947,6 +951,52 @@ def _lattice_hu(lattice: Lattice) -> FloatArray:
     return hu
 
 
+MASK_HU = 150.0
+"""HU of the phantom's thermoplastic mask shell (dense polymer; below the bone threshold)."""
+
+MASK_GAP_MM = (2.0, 5.0)
+"""The mask shell holds air points whose distance to the body lies in this range (mm)."""
+
+MASK_Y_MAX_MM = -40.0
+"""The mask covers the face: points anterior to this y (mm)."""
+
+MASK_Z_RANGE_MM = (-75.0, 60.0)
+"""z range (mm) of the mask shell (chin to forehead)."""
+
+
+def add_face_mask(hu: FloatArray, lattice: Lattice) -> FloatArray:
+    """A thermoplastic mask shell molded to the face, added to a lattice HU volume.
+
+    The shell is the air between :data:`MASK_GAP_MM` from the body (Euclidean distance on the
+    lattice), anterior to :data:`MASK_Y_MAX_MM`, within :data:`MASK_Z_RANGE_MM`, at
+    :data:`MASK_HU`: a 3 mm shell 2 mm off the skin of the nose, lips, chin and forehead.
+
+    Parameters
+    ----------
+    hu : numpy.ndarray, shape (nz, ny, nx)
+        HU on ``lattice`` (axis-aligned, as :func:`phantom_hu` on its centres).
+    lattice : Lattice
+
+    Returns
+    -------
+    numpy.ndarray, shape (nz, ny, nx)
+        A new array with the shell.
+    """
+    from scipy import ndimage
+
+    body = hu > HU_AIR + 1.0
+    dist = ndimage.distance_transform_edt(
+        ~body, sampling=(lattice.dz_mm, lattice.dy_mm, lattice.dx_mm)
+    )
+    y = lattice.y_mm()[None, :, None]
+    z = lattice.z_mm()[:, None, None]
+    shell = (dist > MASK_GAP_MM[0]) & (dist <= MASK_GAP_MM[1]) & (y < MASK_Y_MAX_MM)
+    shell &= (z >= MASK_Z_RANGE_MM[0]) & (z <= MASK_Z_RANGE_MM[1])
+    out = np.array(hu, dtype=np.float64)
+    out[shell] = MASK_HU
+    return out
+
+
 def _write_ct(
     v: Variant, uids: dict[str, str], ct_dir: Path
 ) -> tuple[list[Path], list[tuple[float, str]], FloatArray, tuple[int, int, int]]:
@@ -958,7 +1008,8 @@ def _write_ct(
     lat = v.ct_lattice
     jx = np.rint((px - lat.x_first_mm) / lat.dx_mm).astype(np.intp)
     iy = np.rint((py - lat.y_first_mm) / lat.dy_mm).astype(np.intp)
-    hu = _lattice_hu(lat)[:, iy, jx]  # (nz, rows, cols)
+    lattice_hu = add_face_mask(_lattice_hu(lat), lat) if v.face_mask else _lattice_hu(lat)
+    hu = lattice_hu[:, iy, jx]  # (nz, rows, cols)
     stored = (np.round(hu) - v.rescale_intercept) / v.rescale_slope
     if v.pixel_representation == 1:
         lo, hi = -(2 ** (v.bits_stored - 1)), 2 ** (v.bits_stored - 1) - 1
@@ -1362,6 +1413,7 @@ __all__ = [
     "PhantomTruth",
     "RoiSpec",
     "Variant",
+    "add_face_mask",
     "body_mask",
     "compute_truth",
     "contour_rings",

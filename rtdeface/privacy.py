@@ -27,10 +27,22 @@ is downloaded at run time:
 
 Per surface and view the report gives both detectors' scores before and after, and the
 descriptor distance between the original and the defaced rendering, both taken in the face
-box found in the original (the attacker knows where the face was). Two baselines put the
-distance in scale: same face (the original front view against the original 35 degrees left)
-and different face (the original front view against a reference head: another case given by
-the caller, else a synthetic head of different proportions, :func:`reference_head`).
+box found in the original (the attacker knows where the face was). Baselines put the
+distance in scale:
+
+* same face: the original front view against the original 35 degrees left (per surface);
+* different face: the original against a reference head (another case given by the caller,
+  else a synthetic head of different proportions, :func:`reference_head`), per surface from the
+  front (``SurfaceResult.different_face_distance``) and per view at the same view
+  (``ViewResult.different_face_distance``): the descriptor depends on the viewing angle, so a
+  35-degree rendering is compared with a 35-degree baseline;
+* no face (``ViewResult.no_face_distance``): the original against an empty (black) rendering
+  in the same box, i.e. the distance of a defacing that left nothing at all. The descriptor
+  maps any face-less picture to a generic point about 0.5-0.7 from every face, so this floor
+  can lie below the different-face baseline; a defaced rendering at or beyond it is as far
+  from the original as an empty picture can be, and no geometry can do better than "nothing
+  left". ``ViewResult.beyond_different_face`` and ``beyond_no_face`` state both comparisons;
+  neither enters the verdict (only detections and :data:`MATCH_DISTANCE` do).
 
 Verdict (thresholds calibrated on renderings, see :data:`MTCNN_THRESHOLD`,
 :data:`HOG_THRESHOLD`, :data:`MATCH_DISTANCE`): ``FAIL`` when a face is detected in any
@@ -374,6 +386,10 @@ def to_rgb(shade: FloatArray) -> ImageArray:
 # --------------------------------------------------------------------------- results
 
 
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
 @dataclass(frozen=True)
 class ViewResult:
     """One surface seen from one view, before and after.
@@ -388,6 +404,11 @@ class ViewResult:
         the original shows no face box).
     images : tuple of str
         The original's and the defaced rendering's PNG files.
+    different_face_distance : float or None
+        The original (its face box) against the reference head at the same view (its own
+        face or best candidate box).
+    no_face_distance : float or None
+        The original against an empty (black) rendering, both in the original's face box.
     """
 
     surface: str
@@ -396,6 +417,24 @@ class ViewResult:
     defaced: tuple[Detection, ...]
     distance: float | None
     images: tuple[str, ...] = ()
+    different_face_distance: float | None = None
+    no_face_distance: float | None = None
+
+    @property
+    def beyond_different_face(self) -> bool | None:
+        """The defaced rendering is at least as far from the original as the reference head
+        at the same view (None when either distance is missing)."""
+        if self.distance is None or self.different_face_distance is None:
+            return None
+        return self.distance >= self.different_face_distance
+
+    @property
+    def beyond_no_face(self) -> bool | None:
+        """The defaced rendering is at least as far from the original as an empty rendering
+        (None when either distance is missing)."""
+        if self.distance is None or self.no_face_distance is None:
+            return None
+        return self.distance >= self.no_face_distance
 
     @property
     def face_in_original(self) -> bool:
@@ -430,6 +469,10 @@ class ViewResult:
             "original": [d.to_dict() for d in self.original],
             "defaced": [d.to_dict() for d in self.defaced],
             "distance": None if self.distance is None else round(self.distance, 4),
+            "different_face_distance": _round(self.different_face_distance),
+            "no_face_distance": _round(self.no_face_distance),
+            "beyond_different_face": self.beyond_different_face,
+            "beyond_no_face": self.beyond_no_face,
             "identity_match": self.identity_match,
             "images": list(self.images),
         }
@@ -661,11 +704,14 @@ def check_privacy(
     frame = frame_for_head(before["CT"])
     ref_surface = reference_head() if reference is None else surfaces_of(reference)["CT"]
     ref_frame = frame_for_head(ref_surface, pixel_mm=frame.pixel_mm)
-    ref_rgb = to_rgb(render_mask(ref_surface, views[0], ref_frame))
-    ref_dets = det.detect(ref_rgb)
-    ref_box = _face_box(ref_dets) or _candidate_box(ref_dets)
-    ref_desc = None if ref_box is None else det.descriptor_at(ref_rgb, ref_box)
-    _write_png(out_dir / "renderings" / "reference_front.png", ref_rgb)
+    ref_descs: dict[str, FloatArray | None] = {}
+    for view in views:
+        ref_rgb = to_rgb(render_mask(ref_surface, view, ref_frame))
+        ref_dets = det.detect(ref_rgb)
+        ref_box = _face_box(ref_dets) or _candidate_box(ref_dets)
+        ref_descs[view.name] = None if ref_box is None else det.descriptor_at(ref_rgb, ref_box)
+        _write_png(out_dir / "renderings" / f"reference_{view.name}.png", ref_rgb)
+    ref_desc = ref_descs[views[0].name]
     missing = tuple(sorted(set(before) ^ set(after)))
     results: list[SurfaceResult] = []
     for name, surf in before.items():
@@ -683,18 +729,24 @@ def check_privacy(
             box = _face_box(dets_o)
             desc_o = None if box is None else det.descriptor_at(rgb_o, box)
             desc_d = None if box is None else det.descriptor_at(rgb_d, box)
+            desc_empty = None if box is None else det.descriptor_at(np.zeros_like(rgb_o), box)
             descs[view.name] = desc_o
             stem = f"{_slug(name)}_{view.name}"
             p_o = out_dir / "renderings" / f"{stem}_original.png"
             p_d = out_dir / "renderings" / f"{stem}_defaced.png"
             _write_png(p_o, rgb_o)
             _write_png(p_d, rgb_d)
-            vr = ViewResult(name, view.name, dets_o, dets_d, _distance(desc_o, desc_d))
-            view_results.append(
-                ViewResult(
-                    vr.surface, vr.view, vr.original, vr.defaced, vr.distance, (str(p_o), str(p_d))
-                )
+            vr = ViewResult(
+                name,
+                view.name,
+                dets_o,
+                dets_d,
+                _distance(desc_o, desc_d),
+                (str(p_o), str(p_d)),
+                _distance(desc_o, ref_descs[view.name]),
+                _distance(desc_o, desc_empty),
             )
+            view_results.append(vr)
             rows.append(
                 np.hstack(
                     [
@@ -748,13 +800,17 @@ def format_report(report: PrivacyReport) -> str:
             f"  {s.surface}: {s.status}   baselines: same face {_fmt(s.same_face_distance)}, "
             f"different face {_fmt(s.different_face_distance)}"
         )
-        lines.append("    view      MTCNN orig->defaced   HOG orig->defaced   distance   status")
+        lines.append(
+            "    view      MTCNN orig->defaced   HOG orig->defaced   distance "
+            "(diff. face, no face)   status"
+        )
         for v in s.views:
             m_o, h_o = v.original
             m_d, h_d = v.defaced
             lines.append(
                 f"    {v.view:<9} {_fmt(m_o.score):>5} -> {_fmt(m_d.score):<5}        "
                 f"{_fmt(h_o.score):>5} -> {_fmt(h_d.score):<5}      {_fmt(v.distance):>5}"
+                f" ({_fmt(v.different_face_distance)}, {_fmt(v.no_face_distance)})"
                 f"      {v.status}"
             )
     if report.missing:

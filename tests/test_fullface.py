@@ -212,3 +212,79 @@ def test_shapely_region_matches_points(cases: dict[str, Path]) -> None:
     pts = np.array([[70.0, lim - 0.5, z], [70.0, lim + 0.5, z]])
     assert list(region.contains_points(pts)) == [True, False]
     assert shapely.intersects_xy(cut, 70.0, lim - 0.5)
+
+
+def test_nose_band_continues_the_published_cut(cases: dict[str, Path]) -> None:
+    from rtdeface.fullface import NOSE_BAND_MM
+
+    cut = read_cut(cases["full-face"])
+    assert cut.face is not None
+    z, y = cut.face.z_mm, cut.face.y_mm
+    band = z >= cut.z_inferior_mm - NOSE_BAND_MM - 1e-3
+    assert band.sum() == 8  # 2.5 mm slices from 7.5 down to -10 mm (eye plane at 10 mm)
+    assert np.all(y[band] >= cut.y_mid_mm)
+    assert np.all(y[~band] < cut.y_mid_mm)  # below the band: the bone-level limit
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The phantom wearing a thermoplastic mask shell molded to the face."""
+    from rtdeface.phantom import Variant
+
+    root = tmp_path_factory.mktemp("masked")
+    orig = root / "orig"
+    write_phantom_case(orig, Variant("hfs_mask", face_mask=True))
+    out = {"orig": orig}
+    for mode in ("default", "full-face"):
+        dst = root / mode
+        args = ["-q", "deface", str(orig), "-o", str(dst), "--no-deid", "--no-eye-check"]
+        assert main([*args, "--mode", mode]) == 0
+        out[mode] = dst
+    return out
+
+
+def test_mask_in_front_of_the_face_is_removed(masked: dict[str, Path]) -> None:
+    from rtdeface.phantom import MASK_HU
+
+    _, _, hu0, (z, x, y) = read_ct(masked["orig"])
+    _, _, hu_def, _ = read_ct(masked["default"])
+    _, _, hu_ff, _ = read_ct(masked["full-face"])
+    mask = hu0 == MASK_HU
+    assert mask.sum() == 7584
+    cut = read_cut(masked["full-face"])
+    assert cut.face is not None
+    zz = z[:, None, None]
+    below = mask & (zz < cut.z_inferior_mm)
+    lim = cut.face.at(z)[:, None, None]
+    with np.errstate(invalid="ignore"):
+        front = below & (y[None] < lim) & ~_in_ptv(x[None], y[None], zz)
+    assert front.sum() == 2246  # the shell over the nose, lips and chin
+    assert np.all(hu_ff[front] == -1000.0)
+    assert np.all(hu_def[below] == MASK_HU)  # the published cut leaves it below the eyes
+    above = mask & (zz >= cut.z_inferior_mm)
+    assert np.array_equal(hu_def[above], hu_ff[above])
+    # PTVs and the default OARs are untouched by the mask variant too
+    ptv = _in_ptv(x[None], y[None], zz)
+    assert np.array_equal(hu0[ptv], hu_ff[ptv])
+    report = json.loads((masked["full-face"] / "rtdeface_report.json").read_text())
+    rois = {r["name"]: r for r in report["rois"]}
+    for name in (*PTV_NAMES, *OAR_NAMES):
+        assert rois[name]["volume_after_ml"] == rois[name]["volume_before_ml"], name
+
+
+def test_masked_phantom_shows_no_face_in_full_face_mode(
+    masked: dict[str, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("face_recognition_models")
+    from rtdeface import privacy
+
+    if not privacy.privacy_available()[0]:  # pragma: no cover
+        pytest.skip("privacy extra not installed")
+    det = privacy.load_detectors()
+    orig = load_case(masked["orig"])
+    full = privacy.check_privacy(orig, load_case(masked["full-face"]), tmp_path / "ff", det)
+    assert full.ok, privacy.format_report(full)
+    ct = next(s for s in full.surfaces if s.surface == "CT")
+    assert all(v.face_in_original for v in ct.views if v.view in ("front", "below15"))
+    default = privacy.check_privacy(orig, load_case(masked["default"]), tmp_path / "d", det)
+    assert not default.ok  # the mask and the face below the eyes still show a face

@@ -67,3 +67,44 @@ def test_every_option_in_the_readme_exists() -> None:
 @pytest.mark.parametrize("option", ["--eye-roi", "--keep", "--deid-key-file", "--what-if"])
 def test_key_options_documented(option: str) -> None:
     assert f"`{option}" in README
+
+
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_every_readme_image_exists_and_is_small() -> None:
+    links = IMAGE_LINK.findall(README)
+    assert len(links) >= 2, "README shows no figure"
+    for link in links:
+        assert not link.startswith(("http:", "https:", "/")), f"{link}: use a relative link"
+        path = ROOT / link
+        assert path.is_file(), f"README links to {link}, which does not exist"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
+        assert path.stat().st_size < 150_000, f"{link} is {path.stat().st_size} bytes"
+
+
+def test_figures_come_from_the_figure_script() -> None:
+    script = (ROOT / "scripts" / "make_figures.py").read_text()
+    for link in IMAGE_LINK.findall(README):
+        assert Path(link).name in script, f"{link} is not written by scripts/make_figures.py"
+    assert "shared" not in script  # synthetic phantom only, never the real data
+
+
+def test_compare_command_is_documented() -> None:
+    assert "rtdeface compare ORIGINAL" in README
+    assert "compare" in build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+
+
+def test_figure_script_writes_small_figures(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_figures", ROOT / "scripts" / "make_figures.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path)]) == 0
+    for link in IMAGE_LINK.findall(README):
+        written = tmp_path / Path(link).name
+        assert written.is_file() and 10_000 < written.stat().st_size < 150_000, link
