@@ -344,19 +344,44 @@ def test_a_failing_writer_child_leaves_nothing(
     case = load_case(tmp_path / "case")
     outputs, _ = build_outputs(deface_case(case, DefaceOptions(eye_check=False)), None)
     last_ct = [o.relpath for o in outputs if o.role == "CT"][-1]
-    real = pydicom.dcmwrite
+    real = write.write_dicom
 
-    def failing(path: Path, *args: object, **kwargs: object) -> None:
+    def failing(path: Path, ds: Dataset) -> None:
         if str(path).endswith(last_ct):  # written by the child (second half of the CT)
             raise OSError(28, "No space left on device")
-        real(path, *args, **kwargs)  # type: ignore[arg-type]
+        real(path, ds)
 
-    monkeypatch.setattr(write.pydicom, "dcmwrite", failing)
+    monkeypatch.setattr(write, "write_dicom", failing)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="No space left"):
         write_atomic(outputs, out, parallel=True)
     assert not out.exists()
     assert not any(p.name.startswith(".rtdeface-partial-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("variant", ["hfs", "rle", "unsigned", "dose_desc"])
+@pytest.mark.parametrize("deid", [False, True])
+def test_write_dicom_writes_the_bytes_of_pydicom(tmp_path: Path, variant: str, deid: bool) -> None:
+    """Inputs as read and outputs as built (raw, parsed, compressed) give pydicom's bytes."""
+    write_case(tmp_path / "case", variant)
+    case = load_case(tmp_path / "case")
+    defaced = deface_case(case, DefaceOptions(eye_check=False))
+    outputs, _ = build_outputs(defaced, DeidOptions(key=KEY) if deid else None)
+    datasets = [o.dataset for o in outputs]
+    datasets += [case.ct.datasets[0], case.structure_set.dataset]  # type: ignore[union-attr]
+    datasets += [d.dataset for d in case.doses]
+    for n, ds in enumerate(datasets):
+        ours, theirs = tmp_path / f"{n}.ours.dcm", tmp_path / f"{n}.pydicom.dcm"
+        write.write_dicom(ours, ds)
+        pydicom.dcmwrite(theirs, ds, enforce_file_format=True)
+        assert ours.read_bytes() == theirs.read_bytes(), n
+
+
+def test_write_dicom_leaves_other_datasets_to_pydicom(tmp_path: Path) -> None:
+    ds = make_case()[0]  # built in memory: no original encoding, so pydicom writes it
+    write.write_dicom(tmp_path / "a.dcm", ds)
+    pydicom.dcmwrite(tmp_path / "b.dcm", ds, enforce_file_format=True)
+    assert (tmp_path / "a.dcm").read_bytes() == (tmp_path / "b.dcm").read_bytes()
 
 
 def test_file_meta_of_a_dataset_built_in_memory_survives_copy() -> None:
