@@ -6,6 +6,7 @@ Exit codes: 0 every case done, 1 a case failed, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -434,7 +435,9 @@ def _cmd_deface(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     tree = _discover_tree(args, keep_datasets=True)
     if tree is not None and (tree.ct_series > 1 or args.batch):
-        return _cmd_deface_batch(args, tree)
+        # the workers read their own cases: do not hold the whole reads meanwhile
+        index = dataclasses.replace(tree.index, datasets={})
+        return _cmd_deface_batch(args, dataclasses.replace(tree, index=index))
     options = _options(args)
     deid = _deid_options(args)
     output = Path(args.output).absolute()
@@ -451,9 +454,14 @@ def _cmd_deface(args: argparse.Namespace) -> int:
     t_load = time.perf_counter() - t0
     if args.what_if:
         return _what_if(case, deid)
-    defaced = deface_case(case, options, defer_eye_check=True)
+    defaced = deface_case(case, options, defer_eye_check=True, parallel=True)
     t = time.perf_counter()
-    outputs, record = build_outputs(defaced, deid)
+    try:
+        outputs, record = build_outputs(defaced, deid)
+    except BaseException:
+        if defaced.eye_search is not None:
+            defaced.eye_search.cancel()
+        raise
     defaced.timings_s["load"] = t_load
     defaced.timings_s["build_outputs"] = time.perf_counter() - t
     defaced = complete_eye_check(defaced)  # the image cross-check ran beside the work above

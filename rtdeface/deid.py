@@ -774,16 +774,17 @@ class SequenceScans:
         return splice
 
     def __init__(self) -> None:
-        self._by_value: dict[bytes, SequenceScan] = {}
+        self._by_value: dict[tuple[bytes, bool, bool], SequenceScan] = {}
 
     def scan(self, elem: RawDataElement) -> SequenceScan:
         value = elem.value
         if not isinstance(value, bytes):
             return SequenceScan(False)
-        found = self._by_value.get(value)
+        key = (value, bool(elem.is_implicit_VR), bool(elem.is_little_endian))
+        found = self._by_value.get(key)
         if found is None:
-            found = scan_raw_sequence(value, bool(elem.is_implicit_VR), bool(elem.is_little_endian))
-            self._by_value[value] = found
+            found = scan_raw_sequence(*key)
+            self._by_value[key] = found
         return found
 
     def inert(self, ds: Dataset, tag: BaseTag) -> SequenceScan | None:

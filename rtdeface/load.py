@@ -21,6 +21,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_sequence
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 
@@ -553,8 +554,17 @@ def raw_sequence_value(ds: Dataset, tag: int) -> tuple[bytes, rawseq.Codec]:
     fp = DicomBytesIO()
     fp.is_little_endian = codec.little
     fp.is_implicit_VR = codec.implicit
-    write_sequence(fp, elem, [default_encoding])
+    charset = [str(v) for v in _str_list(ds.get("SpecificCharacterSet"))] or [default_encoding]
+    write_sequence(fp, elem, charset)
     return fp.getvalue(), codec
+
+
+def _str_list(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return list(value)
+    return [value]
 
 
 def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:

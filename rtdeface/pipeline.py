@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -214,9 +215,10 @@ class ImageEyeSearch:
         self._proc = proc
 
     @classmethod
-    def start(cls, case: Case, contoured: EyeLandmarks) -> ImageEyeSearch:
-        """Start the search near ``contoured`` (in a child process when that runs in parallel)."""
-        if not _can_fork():
+    def start(cls, case: Case, contoured: EyeLandmarks, *, parallel: bool = True) -> ImageEyeSearch:
+        """Start the search near ``contoured`` (in a child process when ``parallel`` and
+        forking is possible; else :meth:`result` runs it)."""
+        if not parallel or not _can_fork():
             return cls(case, contoured)
         ctx = multiprocessing.get_context("fork")
         parent, child = ctx.Pipe(duplex=False)
@@ -230,6 +232,16 @@ class ImageEyeSearch:
             return cls(case, contoured)
         child.close()
         return cls(case, contoured, parent, proc)
+
+    def cancel(self) -> None:
+        """Stop a running child (the caller failed and will not ask for the result)."""
+        if self._conn is None:
+            return
+        self._conn.close()
+        self._conn = None
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
 
     def result(self) -> tuple[EyeLandmarks | None, str]:
         """(landmarks found in the image, "") or (None, why the search failed)."""
@@ -259,7 +271,11 @@ class ImageEyeSearch:
 
 
 def _can_fork() -> bool:
+    """Fork only on Linux with two or more CPUs, outside daemonic processes, and only from a
+    process with no other thread (a forked child could deadlock on a lock one holds)."""
     if not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
+        return False
+    if threading.active_count() > 1:
         return False
     return not multiprocessing.current_process().daemon
 
@@ -270,7 +286,7 @@ def _eye_search_child(case: Case, contoured: EyeLandmarks, conn: Any) -> None:
         conn.send(("ok", find_eyes_near(case, contoured)))
     except LandmarkError as exc:
         conn.send(("landmark_error", str(exc)))
-    except BaseException:  # anything else: the parent reruns the search and sees it
+    except Exception:  # anything else: the parent reruns the search and sees it
         conn.send(("failed", None))
     finally:
         conn.close()
@@ -360,14 +376,20 @@ def build_region(
 
 
 def deface_case(
-    case: Case, options: DefaceOptions | None = None, *, defer_eye_check: bool = False
+    case: Case,
+    options: DefaceOptions | None = None,
+    *,
+    defer_eye_check: bool = False,
+    parallel: bool = False,
 ) -> DefacedCase:
     """Deface one loaded case (CT, every ROI, every dose grid) without writing anything.
 
     The image cross-check of contoured eyes (``--eyes auto``) only reports; it never changes
-    the cut. It runs beside the defacing (:class:`ImageEyeSearch`) and is joined before this
-    returns, or, with ``defer_eye_check``, by :func:`complete_eye_check` (so that it can
-    overlap with writing too).
+    the cut. With ``parallel`` it runs in a forked child beside the defacing
+    (:class:`ImageEyeSearch`; for a single case on an otherwise idle machine, not inside
+    worker pools); it is joined before this returns or, with ``defer_eye_check``, by
+    :func:`complete_eye_check` (so that it can overlap with writing too; call
+    :meth:`ImageEyeSearch.cancel` on the pending search if the caller fails before that).
     """
     options = options or DefaceOptions()
     timings: dict[str, float] = {}
@@ -381,21 +403,27 @@ def deface_case(
         and landmarks.source != "image"
         and case.structure_set is not None
     ):
-        search = ImageEyeSearch.start(case, landmarks)
+        search = ImageEyeSearch.start(case, landmarks, parallel=parallel)
     timings["landmarks"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    region = build_region(case, landmarks, options, hu)
-    cut, kept = region.sample(case.ct.grid)
-    ct = deface_ct(case.ct, cut)
-    timings["ct"] = time.perf_counter() - t
-    t = time.perf_counter()
-    structures = None
-    if case.structure_set is not None:
-        structures = deface_structures(case.structure_set, region, case.ct.grid.spacing_mm[0])
-    timings["structures"] = time.perf_counter() - t
-    t = time.perf_counter()
-    doses = tuple(deface_dose(d, region) for d in case.doses)
-    timings["dose"] = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        region = build_region(case, landmarks, options, hu)
+        cut, kept = region.sample(case.ct.grid)
+        ct = deface_ct(case.ct, cut)
+        timings["ct"] = time.perf_counter() - t
+        t = time.perf_counter()
+        structures = None
+        if case.structure_set is not None:
+            thickness = case.ct.grid.spacing_mm[0]
+            structures = deface_structures(case.structure_set, region, thickness)
+        timings["structures"] = time.perf_counter() - t
+        t = time.perf_counter()
+        doses = tuple(deface_dose(d, region) for d in case.doses)
+        timings["dose"] = time.perf_counter() - t
+    except BaseException:
+        if search is not None:
+            search.cancel()
+        raise
     log.info(
         "defaced: z >= %.2f mm, y < %.2f mm; %d CT voxels changed, %d preserved in region",
         region.z_inferior_mm,

@@ -299,7 +299,12 @@ def pad(value: bytes, vr: str) -> bytes:
 
 
 def encode_element(tag: int, vr: str, value: bytes, codec: Codec) -> bytes:
-    """One element with a defined length (``value`` already padded to even length)."""
+    """One element with a defined length (``value`` already padded to even length).
+
+    In explicit VR, a value too long for its VR's 2-byte length field (e.g. the ContourData of
+    a contour with more than about 4,000 points) is written as UN with a 4-byte length, as
+    pydicom does (PS3.5 6.2.2); readers take its VR from the data dictionary.
+    """
     px = codec.prefix
     if codec.implicit:
         return struct.pack(px + "HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
@@ -310,8 +315,13 @@ def encode_element(tag: int, vr: str, value: bytes, codec: Codec) -> bytes:
             + struct.pack(px + "HI", 0, len(value))
             + value
         )
-    if len(value) > 0xFFFF:
-        raise RawSequenceError(f"{vr} value of {len(value)} bytes does not fit element {tag:08X}")
+    if len(value) > 0xFFFF:  # too long for a 2-byte length: UN, as pydicom (PS3.5 6.2.2)
+        return (
+            struct.pack(px + "HH", tag >> 16, tag & 0xFFFF)
+            + b"UN"
+            + struct.pack(px + "HI", 0, len(value))
+            + value
+        )
     return (
         struct.pack(px + "HH", tag >> 16, tag & 0xFFFF)
         + vr.encode("ascii")

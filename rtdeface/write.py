@@ -26,6 +26,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,7 +241,12 @@ def write_atomic(
         child = _start_writer(theirs, tmp) if theirs else None
         if theirs and child is None:
             mine = list(outputs)
-        _write_objects(mine, tmp)
+        try:
+            _write_objects(mine, tmp)
+        except BaseException:
+            if child is not None:
+                _stop_writer(child)
+            raise
         if child is not None:
             _join_writer(child)
         for name, data in extra_files.items():
@@ -372,7 +378,10 @@ def _split(outputs: Sequence[OutputObject]) -> tuple[list[OutputObject], list[Ou
 
 
 def _can_fork() -> bool:
+    """As :func:`rtdeface.pipeline._can_fork`: Linux, 2+ CPUs, no other thread, no daemon."""
     if not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
+        return False
+    if threading.active_count() > 1:
         return False
     return not multiprocessing.current_process().daemon
 
@@ -400,6 +409,15 @@ def _writer_child(outputs: Sequence[OutputObject], folder: Path, conn: Any) -> N
         conn.send(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
     finally:
         conn.close()
+
+
+def _stop_writer(child: Any) -> None:
+    """Kill and reap the writer child (this process failed; the folder is discarded)."""
+    proc, conn = child
+    conn.close()
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
 
 
 def _join_writer(child: Any) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import filecmp
 import math
+import multiprocessing
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,13 +33,14 @@ from rtdeface.deid import DeidOptions, deidentify_datasets, is_inert, scan_raw_s
 from rtdeface.errors import OutputError
 from rtdeface.geometry import Grid, affine_from_attributes
 from rtdeface.landmarks import even_odd_area
-from rtdeface.load import load_case
+from rtdeface.load import load_case, parse_structure_set
 from rtdeface.phantom import write_phantom_case as write_case
 from rtdeface.pipeline import DefaceOptions, ImageEyeSearch, deface_case, find_landmarks
-from rtdeface.region import even_odd
-from rtdeface.structures import _fmt, format_ds
+from rtdeface.region import DefacingRegion, even_odd
+from rtdeface.structures import _fmt, deface_structures, format_ds
 from rtdeface.write import build_outputs, write_atomic
 from tests.test_deid import KEY, make_case
+from tests.test_structures import make_rtstruct
 
 # ------------------------------------------------------------------------------ raw sequences
 
@@ -297,11 +300,11 @@ def test_forked_eye_search_equals_the_inline_one(
     write_case(tmp_path / "case", "hfs")
     case = load_case(tmp_path / "case")
     contoured = find_landmarks(case, DefaceOptions(eye_check=False))
+    monkeypatch.setattr(pipeline, "_can_fork", lambda: True)  # even with pytest's threads
     forked = ImageEyeSearch.start(case, contoured)
-    assert forked._proc is not None  # a child ran (Linux, two CPUs)
+    assert forked._proc is not None  # a child ran
     image_forked, error_forked = forked.result()
-    monkeypatch.setattr(pipeline, "_can_fork", lambda: False)
-    image_inline, error_inline = ImageEyeSearch.start(case, contoured).result()
+    image_inline, error_inline = ImageEyeSearch.start(case, contoured, parallel=False).result()
     assert error_forked == error_inline == ""
     assert image_forked is not None and image_inline is not None
     assert image_forked.z_inferior_mm == image_inline.z_inferior_mm
@@ -309,9 +312,40 @@ def test_forked_eye_search_equals_the_inline_one(
     assert image_forked.confidence == image_inline.confidence
     synchronous = deface_case(case).landmarks.cross_check
     deferred = pipeline.complete_eye_check(
-        deface_case(case, defer_eye_check=True)
+        deface_case(case, defer_eye_check=True, parallel=True)
     ).landmarks.cross_check
     assert synchronous == deferred and synchronous is not None and synchronous.agree
+
+
+def test_a_cancelled_eye_search_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_case(tmp_path / "case", "hfs")
+    case = load_case(tmp_path / "case")
+    contoured = find_landmarks(case, DefaceOptions(eye_check=False))
+    monkeypatch.setattr(pipeline, "_can_fork", lambda: True)
+    monkeypatch.setattr(pipeline, "find_eyes_near", lambda *a: time.sleep(60))
+    search = ImageEyeSearch.start(case, contoured)
+    assert [p.pid for p in multiprocessing.active_children()] == [search._proc.pid]
+    search.cancel()
+    assert multiprocessing.active_children() == []
+
+
+def test_a_failing_defacing_step_stops_the_eye_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_case(tmp_path / "case", "hfs")
+    case = load_case(tmp_path / "case")
+    monkeypatch.setattr(pipeline, "_can_fork", lambda: True)
+    monkeypatch.setattr(pipeline, "find_eyes_near", lambda *a: time.sleep(60))
+
+    def broken(*args: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(pipeline, "deface_dose", broken)
+    with pytest.raises(OSError, match="disk gone"):
+        deface_case(case, parallel=True)
+    assert multiprocessing.active_children() == []
 
 
 # ------------------------------------------------------------------------------ writing
@@ -382,6 +416,49 @@ def test_write_dicom_leaves_other_datasets_to_pydicom(tmp_path: Path) -> None:
     write.write_dicom(tmp_path / "a.dcm", ds)
     pydicom.dcmwrite(tmp_path / "b.dcm", ds, enforce_file_format=True)
     assert (tmp_path / "a.dcm").read_bytes() == (tmp_path / "b.dcm").read_bytes()
+
+
+def test_a_failing_parent_half_stops_the_writer_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_case(tmp_path / "case", "hfs")
+    case = load_case(tmp_path / "case")
+    outputs, _ = build_outputs(deface_case(case, DefaceOptions(eye_check=False)), None)
+    first_ct = next(o.relpath for o in outputs if o.role == "CT")
+    real = write.write_dicom
+
+    def slow_or_failing(path: Path, ds: Dataset) -> None:
+        if str(path).endswith(first_ct):  # written by this process (first half of the CT)
+            raise OSError(5, "Input/output error")
+        if "CT" in str(path) and ds is outputs[-1].dataset:
+            time.sleep(60)  # the child's last slice: still running when the parent fails
+        real(path, ds)
+
+    monkeypatch.setattr(write, "_can_fork", lambda: True)
+    monkeypatch.setattr(write, "write_dicom", slow_or_failing)
+    with pytest.raises(OSError, match="Input/output"):
+        write_atomic(outputs, tmp_path / "out", parallel=True)
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".rtdeface-partial-") for p in tmp_path.iterdir())
+
+
+def test_a_contour_too_long_for_a_short_length_is_written_as_un() -> None:
+    """ContourData over 64 KB in explicit VR: UN with a 4-byte length, as pydicom writes it."""
+    angles = np.linspace(0.0, 2.0 * np.pi, 7000, endpoint=False)
+    ring = np.stack([60 * np.cos(angles), 60 * np.sin(angles), np.full_like(angles, 4.0)], 1)
+    ds = make_rtstruct({"BODY": ("EXTERNAL", [("CLOSED_PLANAR", ring.ravel().tolist())])})
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_original_encoding(False, True)
+    ss = parse_structure_set(ds, Path("RS.dcm"))
+    out = deface_structures(ss, DefacingRegion(0.0, 0.0, ()), 2.0).dataset
+    (item,) = out.ROIContourSequence[0].ContourSequence
+    pts = np.asarray(item.ContourData, dtype=float).reshape(-1, 3)
+    assert len(pts) * 3 * 8 > 0xFFFF and int(item.NumberOfContourPoints) == len(pts)
+    assert pts[:, 1].min() >= 0.0 and math.isclose(pts[:, 1].max(), 60.0, abs_tol=1e-6)
+    area = Polygon(pts[:, :2]).area
+    assert math.isclose(area, Polygon(ring[:, :2]).area / 2, rel_tol=1e-3)
 
 
 def test_file_meta_of_a_dataset_built_in_memory_survives_copy() -> None:
