@@ -56,7 +56,7 @@ from pathlib import Path
 
 from pydicom.charset import default_encoding
 from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
@@ -858,8 +858,10 @@ def _iter_deid(
     """
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        for elem in meta:
-            if elem.VR in vrs:
+        for tag in list(meta.keys()):
+            vr = element_vr(meta, tag)
+            if vr in vrs and (want is None or want(tag, vr)):
+                elem = _peek_element(meta, tag)
                 yield f"file_meta.{_elem_name(elem)}", meta, elem
     stack: list[tuple[str, Dataset]] = [("", ds)]
     while stack:
@@ -872,11 +874,21 @@ def _iter_deid(
                 continue
             if vr != "SQ" and want is not None and not want(tag, vr):
                 continue
-            elem = current[tag]
+            # sequences are parsed (and kept parsed: processing walks them next); other
+            # elements are read without replacing their raw form
+            elem = current[tag] if vr == "SQ" else _peek_element(current, tag)
             path = f"{prefix}{_elem_name(elem)}"
             yield path, current, elem
             if elem.VR == "SQ" and elem.value is not None:
                 stack.extend((f"{path}[{i}].", item) for i, item in enumerate(elem.value))
+
+
+def _peek_element(ds: Dataset, tag: BaseTag) -> DataElement:
+    """``ds[tag]`` without storing the parsed element in place of a raw one."""
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        return convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+    return elem
 
 
 def _token_source(tag: BaseTag, vr: str) -> bool:

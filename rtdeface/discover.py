@@ -18,9 +18,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -82,8 +84,23 @@ class FileRecord:
     patient_name: str = ""
 
 
+def peek(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)`` without converting the stored element.
+
+    pydicom replaces a raw element by its parsed form on first access; parsed elements are
+    slower to de-identify and to write. Reading headers through this keeps the dataset raw.
+    """
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return default
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+    return elem.value
+
+
 def _str(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
+    value = peek(ds, keyword, "")
     return "" if value is None else str(value).strip()
 
 

@@ -32,6 +32,7 @@ from rtdeface.discover import (
     assemble_single_case,
     classify,
     iter_files,
+    peek,
     read_dicom,
 )
 from rtdeface.errors import DicomReferenceError, GeometryError, InputError
@@ -106,7 +107,7 @@ def copy_encoding(src: Dataset, dst: Dataset) -> None:
 
 
 def _floats(ds: Dataset, keyword: str, n: int, what: str) -> FloatArray:
-    value = ds.get(keyword)
+    value = peek(ds, keyword)
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -338,7 +339,7 @@ def check_pixel_module(ds: Dataset, path: Path, frames: int = 1) -> tuple[int, i
         or uncompressed pixel data shorter than Rows x Columns x frames x BitsAllocated.
     """
     try:
-        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        rows, cols, bits = (int(peek(ds, k)) for k in ("Rows", "Columns", "BitsAllocated"))
     except (AttributeError, TypeError, ValueError):
         raise InputError(
             f"{path}: Rows, Columns or BitsAllocated missing or invalid; the file is not a "
@@ -373,7 +374,7 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
         Mixed orientations or matrix sizes, gantry tilt, oblique slices, duplicate or missing
         slices, irregular spacing.
     """
-    what = f"CT series {datasets[0].get('SeriesInstanceUID', '?')} ({paths[0].parent})"
+    what = f"CT series {peek(datasets[0], 'SeriesInstanceUID', '?')} ({paths[0].parent})"
     iop0 = _floats(datasets[0], "ImageOrientationPatient", 6, f"{paths[0]}")
     ps0 = _floats(datasets[0], "PixelSpacing", 2, f"{paths[0]}")
     rows, cols = check_pixel_module(datasets[0], paths[0])
@@ -388,7 +389,7 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
             raise GeometryError(f"{path}: matrix {ds.Rows}x{ds.Columns} differs in {what}")
         if not np.allclose(_floats(ds, "PixelSpacing", 2, f"{path}"), ps0, atol=1e-4):
             raise GeometryError(f"{path}: PixelSpacing differs within {what}")
-        tilt = float(ds.get("GantryDetectorTilt", 0) or 0)
+        tilt = float(peek(ds, "GantryDetectorTilt", 0) or 0)
         if abs(tilt) > 1e-3:
             raise GeometryError(
                 f"{path}: GantryDetectorTilt {tilt} deg; tilted-gantry CT is not supported, "
@@ -415,7 +416,7 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
         grid = Grid(affine, (len(datasets), rows, cols))
     except GeometryError as exc:
         raise GeometryError(f"{what}: {exc}") from exc
-    for_uids = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
+    for_uids = {str(peek(ds, "FrameOfReferenceUID", "")) for ds in datasets}
     if len(for_uids) != 1 or "" in for_uids:
         raise DicomReferenceError(
             f"{what}: slices carry FrameOfReferenceUID {sorted(for_uids)}; one non-empty frame "
