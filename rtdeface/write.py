@@ -16,7 +16,6 @@ directory and renamed into place: on any failure nothing is left behind.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -37,9 +36,9 @@ import numpy.typing as npt
 import pydicom
 from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, validate_file_meta
+from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.filewriter import write_data_element
 from pydicom.uid import RLELossless
 
 from rtdeface import rawseq
@@ -278,11 +277,12 @@ def write_dicom(path: Path, ds: Dataset) -> None:
 
     pydicom's writer re-buffers every element; here raw (unparsed) elements in the dataset's
     own encoding are written as header plus original value bytes, and only parsed elements go
-    through pydicom's element writer. File meta, preamble and every rule of ``dcmwrite`` that
-    applies (MediaStorage UIDs, undefined-length encapsulated pixel data, delimiters of
-    undefined-length sequences, retired group lengths dropped) are kept. Datasets this does
-    not cover (deflated or big-endian syntaxes, a changed character set or encoding) are
-    written by ``pydicom.dcmwrite`` itself.
+    through pydicom's element writer. Every rule of ``dcmwrite`` that applies is kept: file
+    meta completed and validated (MediaStorage UIDs from the dataset, group length first),
+    128-byte preamble, undefined-length encapsulated pixel data, delimiters of
+    undefined-length sequences, retired group lengths dropped. Datasets this does not cover
+    (deflated, big-endian or private syntaxes, a changed character set or encoding, built in
+    memory) are written by ``pydicom.dcmwrite`` itself. Tests compare the bytes.
     """
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -301,8 +301,7 @@ def write_dicom(path: Path, ds: Dataset) -> None:
     ):
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         return
-    implicit = bool(original_implicit)
-    file_meta = copy.deepcopy(meta)
+    file_meta = FileMetaDataset(copy_dataset(meta))
     ds_class = ds.get("SOPClassUID", None)
     if file_meta.get("MediaStorageSOPClassUID") is None or (
         ds_class and ds_class != file_meta.get("MediaStorageSOPClassUID")
@@ -314,20 +313,40 @@ def write_dicom(path: Path, ds: Dataset) -> None:
     ):
         file_meta.MediaStorageSOPInstanceUID = ds_instance
     validate_file_meta(file_meta, enforce_standard=True)
-    preamble = getattr(ds, "preamble", None) or b"\x00" * 128
-    compressed = bool(ts.is_compressed)
-    encodings = ds.get("SpecificCharacterSet", default_encoding)
+    meta_buf = DicomBytesIO()
+    meta_buf.is_implicit_VR, meta_buf.is_little_endian = False, True
+    _encode_elements(meta_buf, file_meta, False, False, default_encoding, skip={0x00020000})
+    group = meta_buf.getvalue()
     buf = DicomBytesIO()
-    buf.is_implicit_VR, buf.is_little_endian = implicit, True
-    buf.write(preamble)
+    buf.is_implicit_VR, buf.is_little_endian = bool(original_implicit), True
+    buf.write(getattr(ds, "preamble", None) or b"\x00" * 128)
     buf.write(b"DICM")
-    write_file_meta_info(buf, file_meta, enforce_standard=True)
-    pack_short = struct.Struct("<HH2sH").pack
-    pack_long = struct.Struct("<HH2sHI").pack
-    pack_implicit = struct.Struct("<HHI").pack
+    buf.write(_PACK_LONG_HEADER(0x0002, 0x0000, b"UL", 4, len(group))[:8])
+    buf.write(struct.pack("<I", len(group)))
+    buf.write(group)
+    encodings = ds.get("SpecificCharacterSet", default_encoding)
+    _encode_elements(buf, ds, bool(original_implicit), bool(ts.is_compressed), encodings)
+    with open(path, "wb") as fh:
+        fh.write(buf.getvalue())
+
+
+_PACK_SHORT_HEADER = struct.Struct("<HH2sH").pack
+_PACK_LONG_HEADER = struct.Struct("<HH2sHI").pack
+_PACK_IMPLICIT_HEADER = struct.Struct("<HHI").pack
+
+
+def _encode_elements(
+    buf: DicomBytesIO,
+    ds: Dataset,
+    implicit: bool,
+    compressed: bool,
+    encodings: Any,
+    skip: frozenset[int] | set[int] = frozenset(),
+) -> None:
+    """Write the elements of ``ds`` in tag order (raw ones verbatim, as pydicom would)."""
     for tag in sorted(ds.keys()):
-        if tag.element == 0 and tag.group > 6:
-            continue  # retired group length (PS3.5 7.2)
+        if (tag.element == 0 and tag.group > 6) or tag in skip:
+            continue  # retired group length (PS3.5 7.2), or written by the caller
         elem = ds.get_item(tag)
         if (
             not isinstance(elem, RawDataElement)
@@ -348,23 +367,21 @@ def write_dicom(path: Path, ds: Dataset) -> None:
         length = UNDEFINED_LENGTH if undefined else len(value)
         group, element = tag >> 16, tag & 0xFFFF
         if implicit:
-            buf.write(pack_implicit(group, element, length))
+            buf.write(_PACK_IMPLICIT_HEADER(group, element, length))
         else:  # the header rules of pydicom's write_data_element
             vr = str(elem.VR)
             if vr not in rawseq.LONG_LENGTH_VRS and not undefined and len(value) > 0xFFFF:
                 vr = "UN"  # pydicom relabels a value too long for a 2-byte length
             if vr in rawseq.LONG_LENGTH_VRS:
-                buf.write(pack_long(group, element, vr.encode("ascii"), 0, length))
+                buf.write(_PACK_LONG_HEADER(group, element, vr.encode("ascii"), 0, length))
             elif undefined:
-                buf.write(pack_implicit(group, element, 0)[:4] + vr.encode("ascii"))
+                buf.write(_PACK_IMPLICIT_HEADER(group, element, 0)[:4] + vr.encode("ascii"))
                 buf.write(struct.pack("<I", length))
             else:
-                buf.write(pack_short(group, element, vr.encode("ascii"), length))
+                buf.write(_PACK_SHORT_HEADER(group, element, vr.encode("ascii"), length))
         buf.write(value)
         if undefined:
             buf.write(_SEQUENCE_DELIMITER)
-    with open(path, "wb") as fh:
-        fh.write(buf.getvalue())
 
 
 def _split(outputs: Sequence[OutputObject]) -> tuple[list[OutputObject], list[OutputObject]]:
