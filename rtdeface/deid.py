@@ -72,6 +72,7 @@ from rtdeface.uids import (
     REGISTERED_UID_ROOT,
     SameLengthTable,
     UidMapper,
+    dictionary_vr,
     element_vr,
 )
 
@@ -594,6 +595,7 @@ def pseudonym_for(patient_id: str, options: DeidOptions) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8192)
 def table_action(tag: int) -> str | None:
     """Basic Profile action of ``tag`` from Table E.1-1, or None when it is not listed (K)."""
     action = ACTIONS.get(tag)
@@ -866,8 +868,8 @@ def _iter_deid(
     stack: list[tuple[str, Dataset]] = [("", ds)]
     while stack:
         prefix, current = stack.pop()
-        for tag in list(current.keys()):
-            vr = element_vr(current, tag)
+        for tag, raw in list(current.items()):
+            vr = raw.VR or dictionary_vr(tag)
             if vr != "SQ" and vr not in vrs and not tag.is_private:
                 continue
             if vr == "SQ" and scans.inert(current, tag) is not None:
@@ -1175,11 +1177,11 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
     """
     form = _raw_form(ds) if prefix == "" else None
     uid_tags: list[BaseTag] = []  # remapped after the policy (StudyID is keyed on the original)
-    for tag in list(ds.keys()):
-        if tag not in ds:  # removed together with an earlier element
+    live = ds.keys()  # a live view: an element removed with an earlier one is skipped
+    for tag, raw in list(ds.items()):
+        if tag not in live:
             continue
-        raw = ds.get_item(tag)
-        vr = raw.VR or element_vr(ds, tag)
+        vr = raw.VR or dictionary_vr(tag)
         if vr in _UNTOUCHED_VRS and not tag.is_private and table_action(int(tag)) is None:
             continue  # numbers and binary data the table does not list: kept, never converted
         if vr == "UI" and is_inert(int(tag), "UI"):
@@ -1208,6 +1210,7 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
         path = f"{prefix}{_elem_name(elem)}"
         recurse = _process_element(ds, elem, ctx, path)
         if key is not None and ctx.memo is not None:
+            assert isinstance(raw, RawDataElement)  # a memo key is only made for raw elements
             outcome = _record(ds, tag, raw, elem, values_before, ctx.counts - before, form)
             ctx.memo[key] = outcome
         if tag in ds and elem.VR == "UI":
@@ -1293,7 +1296,8 @@ def _replay(
     ds: Dataset, tag: BaseTag, raw: RawDataElement, outcome: _Outcome, ctx: _Context
 ) -> None:
     """Apply a memoised outcome to an element with the same tag, VR, bytes and form."""
-    ctx.counts.update(outcome.counts)
+    for key, n in outcome.counts.items():
+        ctx.counts[key] += n
     if outcome.kind == "remove":
         del ds[tag]
     elif outcome.kind == "set" and outcome.element is not None:

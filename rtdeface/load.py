@@ -682,12 +682,12 @@ def _read_contour(
 ) -> Contour | None:
     """One contour item (None when it has no points)."""
     gtype = "CLOSED_PLANAR"
-    data: rawseq.RawElement | None = None
-    for e in rawseq.item_elements(value, codec, item):
-        if e.tag == CONTOUR_GEOMETRIC_TYPE_TAG:
-            gtype = rawseq.text(value, e) or "CLOSED_PLANAR"
-        elif e.tag == CONTOUR_DATA_TAG:
-            data = e
+    data: tuple[int, int] | None = None
+    for tag, _vr, start, end in rawseq.item_tags(value, codec, item):
+        if tag == CONTOUR_GEOMETRIC_TYPE_TAG:
+            gtype = value[start:end].decode("ascii", "replace").strip(" \x00") or "CLOSED_PLANAR"
+        elif tag == CONTOUR_DATA_TAG:
+            data = (start, end)
     if gtype == "CLOSEDPLANAR_XOR":  # already an even-odd composition
         gtype = "CLOSED_PLANAR"
     if gtype not in CONTOUR_TYPES:
@@ -698,7 +698,7 @@ def _read_contour(
     if data is None:
         return None
     try:
-        pts = ds_array(value[data.value_start : data.value_end])
+        pts = ds_array(value[data[0] : data[1]])
     except (TypeError, ValueError) as exc:
         raise InputError(
             f"{path}: ROI {number} contour {idx}: ContourData is not numeric; the "

@@ -198,6 +198,39 @@ def item_elements(buf: bytes, codec: Codec, item: RawItem) -> list[RawElement]:
     return elements(buf, codec, item.content_start, item.content_end)
 
 
+def item_tags(buf: bytes, codec: Codec, item: RawItem) -> list[tuple[int, str, int, int]]:
+    """The elements of one item as ``(tag, vr, value_start, value_end)``; fast for explicit
+    VR little endian with defined lengths, :func:`item_elements` otherwise."""
+    if codec.implicit or not codec.little:
+        return [(e.tag, e.vr, e.value_start, e.value_end) for e in item_elements(buf, codec, item)]
+    header = _EXPLICIT_LE_HEADER.unpack_from
+    u32 = _LE_UINT32.unpack_from
+    out: list[tuple[int, str, int, int]] = []
+    p, end = item.content_start, item.content_end
+    while p < end:
+        if p + 8 > end:
+            raise RawSequenceError(f"truncated element header at byte {p}")
+        group, elem, vr_bytes, short_length = header(buf, p)
+        if vr_bytes in _LONG_LENGTH_VR_BYTES:
+            if p + 12 > end:
+                raise RawSequenceError(f"truncated element header at byte {p}")
+            vlen = u32(buf, p + 8)[0]
+            vstart = p + 12
+        else:
+            vlen, vstart = short_length, p + 8
+        if vlen == UNDEFINED_LENGTH:
+            e = _read_element(buf, p, end, codec)
+            out.append((e.tag, e.vr, e.value_start, e.value_end))
+            p = e.end
+            continue
+        vend = vstart + vlen
+        if vend > end:
+            raise RawSequenceError(f"element at byte {p} overruns its item")
+        out.append(((group << 16) | elem, vr_bytes.decode("ascii", "replace"), vstart, vend))
+        p = vend
+    return out
+
+
 def text(buf: bytes, e: RawElement) -> str:
     """The value of a string element, stripped of padding."""
     return buf[e.value_start : e.value_end].decode("ascii", "replace").strip(" \x00")
@@ -385,6 +418,7 @@ __all__ = [
     "encode_element",
     "encode_item",
     "item_elements",
+    "item_tags",
     "items",
     "join_items",
     "pad",

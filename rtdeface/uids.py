@@ -11,6 +11,7 @@ same mechanism to every other UID of the case.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -100,8 +101,12 @@ def element_vr(ds: Dataset, tag: int) -> str:
     is unknown, e.g. private).
     """
     vr = ds.get_item(tag).VR
-    if vr:
-        return str(vr)
+    return str(vr) if vr else dictionary_vr(int(tag))
+
+
+@functools.lru_cache(maxsize=8192)
+def dictionary_vr(tag: int) -> str:
+    """The data dictionary's VR of ``tag`` (``UN`` when unknown), cached."""
     try:
         return str(dictionary_VR(tag))
     except KeyError:
