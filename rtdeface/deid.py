@@ -66,6 +66,7 @@ from pydicom.tag import BaseTag, Tag
 
 from rtdeface import __version__, rawseq
 from rtdeface.annex_e import ACTIONS, EDITION, MASKED_ACTIONS, SOURCE
+from rtdeface.discover import peek
 from rtdeface.errors import InputError, UsageError
 from rtdeface.uids import (
     DEFAULT_UID_ROOT,
@@ -1125,8 +1126,9 @@ _RawForm = tuple[bool, bool, tuple[str, ...]]
 """(implicit VR, little endian, SpecificCharacterSet values) of a dataset read from a file."""
 
 
-def _raw_form(ds: Dataset) -> _RawForm | None:
-    """How raw elements of ``ds`` are encoded (None for a dataset built in memory)."""
+def raw_form(ds: Dataset) -> _RawForm | None:
+    """How raw elements of ``ds`` are encoded (None for a dataset built in memory): the key
+    under which :func:`encode_raw` results can be shared between datasets."""
     implicit, little = ds.original_encoding
     if implicit is None or little is None:
         return None
@@ -1175,7 +1177,7 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
     never converted, UIDs are rewritten in their bytes (same-length keyed values), raw inert
     sequences are scanned and spliced, and other outcomes are memoised (see :class:`_Outcome`).
     """
-    form = _raw_form(ds) if prefix == "" else None
+    form = raw_form(ds) if prefix == "" else None
     uid_tags: list[BaseTag] = []  # remapped after the policy (StudyID is keyed on the original)
     live = ds.keys()  # a live view: an element removed with an earlier one is skipped
     for tag, raw in list(ds.items()):
@@ -1513,13 +1515,13 @@ def _method_texts(options: tuple[str, ...]) -> list[str]:
 
 
 def _stamp(ds: Dataset, ctx: _Context, options: tuple[str, ...]) -> None:
-    modality = str(ds.get("Modality", "") or "")
+    modality = str(peek(ds, "Modality", "") or "")
     applied = tuple(
         o
         for o in options
         if o != "Clean Recognizable Visual Features" or modality in DEFACED_MODALITIES
     )
-    form = _raw_form(ds)
+    form = raw_form(ds)
     template = ctx.stamps.get((applied, form))
     if template is None:
         template = Dataset()
@@ -1552,7 +1554,7 @@ def _stamp(ds: Dataset, ctx: _Context, options: tuple[str, ...]) -> None:
 def _keyed_identifier(ctx: _Context, path: str, owner: Dataset, elem: DataElement) -> None:
     """StudyID and AccessionNumber -> keyed hashes (distinct per study, never merged)."""
     value = "\\".join(_str_values(elem.value)).strip()
-    study_uid = str(owner.get("StudyInstanceUID", "") or "")
+    study_uid = str(peek(owner, "StudyInstanceUID", "") or "")
     if elem.keyword == "StudyID":
         anchor = study_uid or value
         if anchor:

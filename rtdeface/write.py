@@ -35,14 +35,22 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.uid import RLELossless
 
 from rtdeface import rawseq
-from rtdeface.deid import DeidOptions, DeidRecord, SequenceScans, deidentify_datasets
+from rtdeface.deid import (
+    DeidOptions,
+    DeidRecord,
+    SequenceScans,
+    deidentify_datasets,
+    encode_raw,
+    raw_form,
+)
+from rtdeface.discover import peek
 from rtdeface.errors import OutputError
 from rtdeface.load import copy_dataset
 from rtdeface.pipeline import DefacedCase
@@ -120,6 +128,30 @@ def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
         )
 
 
+def _set_derived(ds: Dataset, cache: dict[tuple[object, ...], RawDataElement]) -> None:
+    """ImageType DERIVED, DerivationDescription, RecognizableVisualFeatures NO on a CT slice.
+
+    For a dataset read from a file the three elements are encoded once per value and encoding
+    and shared (raw elements are immutable), so they are written without re-encoding.
+    """
+    image_type = derived_image_type(peek(ds, "ImageType"))
+    elements = [
+        DataElement(0x00080008, "CS", image_type),
+        DataElement(0x00082111, "ST", DERIVATION_DESCRIPTION),
+        DataElement(0x00280302, "CS", "NO"),
+    ]
+    form = raw_form(ds)
+    for elem in elements:
+        if form is None:
+            ds[elem.tag] = elem
+            continue
+        key = (int(elem.tag), tuple(image_type) if elem.tag == 0x00080008 else None, form)
+        raw = cache.get(key)
+        if raw is None:
+            raw = cache[key] = encode_raw(elem, form)
+        ds[elem.tag] = raw
+
+
 def derived_image_type(value: object) -> list[str]:
     """ImageType with value 1 set to DERIVED (value 2 defaults to PRIMARY when absent)."""
     if value is None or value == "":
@@ -154,13 +186,12 @@ def build_outputs(
     """
     case = defaced.case
     outputs: list[OutputObject] = []
+    derived: dict[tuple[object, ...], RawDataElement] = {}  # encoded once per value and form
     for k, src in enumerate(case.ct.datasets):
         ds = copy_dataset(src)
         if k in defaced.ct.slices:
             _set_pixels(ds, defaced.ct.slices[k])
-        ds.ImageType = derived_image_type(ds.get("ImageType"))
-        ds.DerivationDescription = DERIVATION_DESCRIPTION
-        ds.RecognizableVisualFeatures = "NO"
+        _set_derived(ds, derived)
         outputs.append(OutputObject(f"CT/CT_{k + 1:04d}.dcm", "CT", ds))
     if defaced.structures is not None:  # a copy: building outputs twice gives the same result
         structures = copy_dataset(defaced.structures.dataset)
@@ -302,12 +333,12 @@ def write_dicom(path: Path, ds: Dataset) -> None:
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         return
     file_meta = FileMetaDataset(copy_dataset(meta))
-    ds_class = ds.get("SOPClassUID", None)
+    ds_class = peek(ds, "SOPClassUID")
     if file_meta.get("MediaStorageSOPClassUID") is None or (
         ds_class and ds_class != file_meta.get("MediaStorageSOPClassUID")
     ):
         file_meta.MediaStorageSOPClassUID = ds_class
-    ds_instance = ds.get("SOPInstanceUID", None)
+    ds_instance = peek(ds, "SOPInstanceUID")
     if file_meta.get("MediaStorageSOPInstanceUID") is None or (
         ds_instance and ds_instance != file_meta.get("MediaStorageSOPInstanceUID")
     ):
