@@ -73,8 +73,7 @@ def copy_dataset(ds: Dataset) -> Dataset:
 
 def _copy_elements(ds: Dataset) -> dict[BaseTag, DataElement | RawDataElement]:
     elements: dict[BaseTag, DataElement | RawDataElement] = {}
-    for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
+    for tag, elem in list(ds.items()):  # raw elements as stored (rtdeface never defers reads)
         if isinstance(elem, RawDataElement):
             elements[tag] = elem
         elif elem.VR == "SQ":
