@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +19,7 @@ from rtdeface.ct import CtResult, deface_ct
 from rtdeface.dose import DoseResult, deface_dose
 from rtdeface.errors import LandmarkError, UsageError
 from rtdeface.eyefinder import find_eyes_in_image
+from rtdeface.forking import Child
 from rtdeface.fullface import (
     DEFAULT_FACE_DEPTH_MM,
     DEFAULT_FACE_MARGIN_MM,
@@ -206,78 +203,43 @@ class ImageEyeSearch:
     :meth:`result` runs the search in this process. The result is the same either way.
     """
 
-    def __init__(
-        self, case: Case, contoured: EyeLandmarks, conn: Any = None, proc: Any = None
-    ) -> None:
+    def __init__(self, case: Case, contoured: EyeLandmarks, child: Child | None = None) -> None:
         self._case = case
         self._contoured = contoured
-        self._conn = conn
-        self._proc = proc
+        self._child = child
+
+    @property
+    def forked(self) -> bool:
+        """Whether the search runs in a child process (not yet joined)."""
+        return self._child is not None
 
     @classmethod
     def start(cls, case: Case, contoured: EyeLandmarks, *, parallel: bool = True) -> ImageEyeSearch:
         """Start the search near ``contoured`` (in a child process when ``parallel`` and
         forking is possible; else :meth:`result` runs it)."""
-        if not parallel or not _can_fork():
-            return cls(case, contoured)
-        ctx = multiprocessing.get_context("fork")
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_eye_search_child, args=(case, contoured, child), daemon=True)
-        try:
-            proc.start()
-        except (OSError, AssertionError) as exc:  # e.g. inside a daemonic worker process
-            log.debug("eye search runs inline (cannot fork: %s)", exc)
-            parent.close()
-            child.close()
-            return cls(case, contoured)
-        child.close()
-        return cls(case, contoured, parent, proc)
+        child = Child.start(_eye_search_child, case, contoured) if parallel else None
+        return cls(case, contoured, child)
 
     def cancel(self) -> None:
         """Stop a running child (the caller failed and will not ask for the result)."""
-        if self._conn is None:
-            return
-        self._conn.close()
-        self._conn = None
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc.join()
+        if self._child is not None:
+            self._child.stop()
+            self._child = None
 
     def result(self) -> tuple[EyeLandmarks | None, str]:
         """(landmarks found in the image, "") or (None, why the search failed)."""
-        if self._conn is not None:
-            kind: str = "failed"
-            value: Any = None
-            try:
-                if self._conn.poll(EYE_SEARCH_TIMEOUT_S):
-                    kind, value = self._conn.recv()
-            except (EOFError, OSError):
-                pass
-            finally:
-                self._conn.close()
-                self._conn = None
-                if kind == "failed" and self._proc.is_alive():
-                    self._proc.kill()
-                self._proc.join()
-            if kind == "ok":
-                return value, ""
-            if kind == "landmark_error":
-                return None, str(value)
+        if self._child is not None:
+            answer = self._child.receive(EYE_SEARCH_TIMEOUT_S)
+            self._child = None
+            if isinstance(answer, tuple) and answer[0] == "ok":
+                return answer[1], ""
+            if isinstance(answer, tuple) and answer[0] == "landmark_error":
+                return None, str(answer[1])
             log.debug("eye search child failed; running it in this process")
         try:
             return find_eyes_near(self._case, self._contoured), ""
         except LandmarkError as exc:
             return None, str(exc)
-
-
-def _can_fork() -> bool:
-    """Fork only on Linux with two or more CPUs, outside daemonic processes, and only from a
-    process with no other thread (a forked child could deadlock on a lock one holds)."""
-    if not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
-        return False
-    if threading.active_count() > 1:
-        return False
-    return not multiprocessing.current_process().daemon
 
 
 def _eye_search_child(case: Case, contoured: EyeLandmarks, conn: Any) -> None:

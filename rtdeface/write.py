@@ -19,13 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import struct
-import sys
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +49,7 @@ from rtdeface.deid import (
 )
 from rtdeface.discover import peek
 from rtdeface.errors import OutputError
+from rtdeface.forking import NO_ANSWER, Child
 from rtdeface.load import copy_dataset
 from rtdeface.pipeline import DefacedCase
 from rtdeface.uids import SameLengthTable, UidMapper, remap_uids_raw
@@ -275,7 +273,7 @@ def write_atomic(
             _write_objects(mine, tmp)
         except BaseException:
             if child is not None:
-                _stop_writer(child)
+                child.stop()
             raise
         if child is not None:
             _join_writer(child)
@@ -417,7 +415,7 @@ def _encode_elements(
 
 def _split(outputs: Sequence[OutputObject]) -> tuple[list[OutputObject], list[OutputObject]]:
     """(this process's objects, the child's): the child takes the second half of the CT."""
-    if len(outputs) < PARALLEL_WRITE_MIN_OBJECTS or not _can_fork():
+    if len(outputs) < PARALLEL_WRITE_MIN_OBJECTS:
         return list(outputs), []
     ct = [o for o in outputs if o.role == "CT"]
     rest = [o for o in outputs if o.role != "CT"]
@@ -425,28 +423,8 @@ def _split(outputs: Sequence[OutputObject]) -> tuple[list[OutputObject], list[Ou
     return rest + ct[:half], ct[half:]
 
 
-def _can_fork() -> bool:
-    """As :func:`rtdeface.pipeline._can_fork`: Linux, 2+ CPUs, no other thread, no daemon."""
-    if not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
-        return False
-    if threading.active_count() > 1:
-        return False
-    return not multiprocessing.current_process().daemon
-
-
-def _start_writer(outputs: Sequence[OutputObject], folder: Path) -> Any:
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_writer_child, args=(outputs, folder, child), daemon=True)
-    try:
-        proc.start()
-    except (OSError, AssertionError) as exc:  # e.g. inside a daemonic worker process
-        log.debug("writing in one process (cannot fork: %s)", exc)
-        parent.close()
-        child.close()
-        return None
-    child.close()
-    return proc, parent
+def _start_writer(outputs: Sequence[OutputObject], folder: Path) -> Child | None:
+    return Child.start(_writer_child, outputs, folder)
 
 
 def _writer_child(outputs: Sequence[OutputObject], folder: Path, conn: Any) -> None:
@@ -459,31 +437,12 @@ def _writer_child(outputs: Sequence[OutputObject], folder: Path, conn: Any) -> N
         conn.close()
 
 
-def _stop_writer(child: Any) -> None:
-    """Kill and reap the writer child (this process failed; the folder is discarded)."""
-    proc, conn = child
-    conn.close()
-    if proc.is_alive():
-        proc.kill()
-    proc.join()
-
-
-def _join_writer(child: Any) -> None:
-    proc, conn = child
-    message: str | None = None
-    try:
-        if conn.poll(WRITER_TIMEOUT_S):
-            message = conn.recv()
-    except (EOFError, OSError):
-        message = None
-    finally:
-        conn.close()
-        if message is None and proc.is_alive():
-            proc.kill()
-        proc.join()
-    if message is None or message or proc.exitcode != 0:
+def _join_writer(child: Child) -> None:
+    message = child.receive(WRITER_TIMEOUT_S)
+    if message is NO_ANSWER or message or child.proc.exitcode != 0:
+        detail = "no answer" if message is NO_ANSWER else str(message) or "exit status"
         raise OutputError(
-            f"writing the CT slices failed in the writer process ({message or 'no answer'}); "
+            f"writing the CT slices failed in the writer process ({detail}); "
             "check the output folder's disk space and permissions"
         )
 

@@ -28,7 +28,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from shapely.geometry import Polygon
 
-from rtdeface import pipeline, rawseq, write
+from rtdeface import forking, pipeline, rawseq, write
 from rtdeface.deid import DeidOptions, deidentify_datasets, is_inert, scan_raw_sequence
 from rtdeface.errors import OutputError
 from rtdeface.geometry import Grid, affine_from_attributes
@@ -300,9 +300,9 @@ def test_forked_eye_search_equals_the_inline_one(
     write_case(tmp_path / "case", "hfs")
     case = load_case(tmp_path / "case")
     contoured = find_landmarks(case, DefaceOptions(eye_check=False))
-    monkeypatch.setattr(pipeline, "_can_fork", lambda: True)  # even with pytest's threads
+    monkeypatch.setattr(forking, "can_fork", lambda: True)  # even with pytest's threads
     forked = ImageEyeSearch.start(case, contoured)
-    assert forked._proc is not None  # a child ran
+    assert forked.forked  # a child ran
     image_forked, error_forked = forked.result()
     image_inline, error_inline = ImageEyeSearch.start(case, contoured, parallel=False).result()
     assert error_forked == error_inline == ""
@@ -323,10 +323,11 @@ def test_a_cancelled_eye_search_leaves_no_process(
     write_case(tmp_path / "case", "hfs")
     case = load_case(tmp_path / "case")
     contoured = find_landmarks(case, DefaceOptions(eye_check=False))
-    monkeypatch.setattr(pipeline, "_can_fork", lambda: True)
+    monkeypatch.setattr(forking, "can_fork", lambda: True)
     monkeypatch.setattr(pipeline, "find_eyes_near", lambda *a: time.sleep(60))
     search = ImageEyeSearch.start(case, contoured)
-    assert [p.pid for p in multiprocessing.active_children()] == [search._proc.pid]
+    assert search._child is not None
+    assert [p.pid for p in multiprocessing.active_children()] == [search._child.proc.pid]
     search.cancel()
     assert multiprocessing.active_children() == []
 
@@ -336,7 +337,7 @@ def test_a_failing_defacing_step_stops_the_eye_search(
 ) -> None:
     write_case(tmp_path / "case", "hfs")
     case = load_case(tmp_path / "case")
-    monkeypatch.setattr(pipeline, "_can_fork", lambda: True)
+    monkeypatch.setattr(forking, "can_fork", lambda: True)
     monkeypatch.setattr(pipeline, "find_eyes_near", lambda *a: time.sleep(60))
 
     def broken(*args: object) -> None:
@@ -434,7 +435,7 @@ def test_a_failing_parent_half_stops_the_writer_child(
             time.sleep(60)  # the child's last slice: still running when the parent fails
         real(path, ds)
 
-    monkeypatch.setattr(write, "_can_fork", lambda: True)
+    monkeypatch.setattr(forking, "can_fork", lambda: True)
     monkeypatch.setattr(write, "write_dicom", slow_or_failing)
     with pytest.raises(OSError, match="Input/output"):
         write_atomic(outputs, tmp_path / "out", parallel=True)
