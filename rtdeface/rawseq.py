@@ -256,69 +256,18 @@ _LONG_LENGTH_VR_BYTES = frozenset(v.encode("ascii") for v in LONG_LENGTH_VRS)
 def walk_tags(
     buf: bytes, codec: Codec, start: int = 0, end: int | None = None
 ) -> Iterator[tuple[int, str, int, int]]:
-    """:func:`walk` as ``(tag, vr, value_start, value_end)`` tuples, fast for explicit VR LE.
+    """:func:`walk` as ``(tag, vr, value_start, value_end)`` tuples (fast: :func:`item_tags`).
 
-    The common explicit-VR little-endian encoding of defined-length items and elements is
-    read in one tight loop; anything else (other encodings, undefined lengths) goes through
-    :func:`walk`. The same elements as :func:`walk` (in the same order for defined lengths).
+    The same elements as :func:`walk`, in the same order.
     """
-    end = len(buf) if end is None else end
-    if codec.implicit or not codec.little:
-        for x in walk(buf, codec, start, end):
-            yield x.tag, x.vr, x.value_start, x.value_end
-        return
-    header = _EXPLICIT_LE_HEADER.unpack_from
-    u32 = _LE_UINT32.unpack_from
-    long_vrs = _LONG_LENGTH_VR_BYTES
-    stack = [(start, end)]
+    stack = [(start, len(buf) if end is None else end)]
     while stack:
-        pos, seq_end = stack.pop()
-        while pos < seq_end:  # items of one sequence value
-            if pos + 8 > seq_end:
-                raise RawSequenceError(f"truncated item header at byte {pos}")
-            group, elem, _, _ = header(buf, pos)
-            length = u32(buf, pos + 4)[0]
-            tag = (group << 16) | elem
-            if tag == SEQUENCE_DELIMITER_TAG:
-                break
-            if tag != ITEM_TAG:
-                raise RawSequenceError(f"expected an item tag at byte {pos}, found {tag:08X}")
-            if length == UNDEFINED_LENGTH:  # rare: take the general path for this sequence
-                for el in walk(buf, codec, pos, seq_end):
-                    yield el.tag, el.vr, el.value_start, el.value_end
-                break
-            p = pos + 8
-            item_end = p + length
-            if item_end > seq_end:
-                raise RawSequenceError(f"item at byte {pos} overruns its sequence")
-            while p < item_end:  # elements of one item
-                if p + 8 > item_end:
-                    raise RawSequenceError(f"truncated element header at byte {p}")
-                group, elem, vr_bytes, short_length = header(buf, p)
-                tag = (group << 16) | elem
-                if vr_bytes in long_vrs:
-                    if p + 12 > item_end:
-                        raise RawSequenceError(f"truncated element header at byte {p}")
-                    vlen = u32(buf, p + 8)[0]
-                    vstart = p + 12
-                else:
-                    vlen = short_length
-                    vstart = p + 8
-                vr = vr_bytes.decode("ascii", "replace")
-                if vlen == UNDEFINED_LENGTH:
-                    el = _read_element(buf, p, item_end, codec)
-                    yield el.tag, el.vr, el.value_start, el.value_end
-                    stack.append((el.value_start, el.value_end))
-                    p = el.end
-                    continue
-                vend = vstart + vlen
-                if vend > item_end:
-                    raise RawSequenceError(f"element {tag:08X} at byte {p} overruns its item")
-                yield tag, vr, vstart, vend
-                if vr == "SQ":
-                    stack.append((vstart, vend))
-                p = vend
-            pos = item_end
+        s, e = stack.pop()
+        for item in items(buf, codec, s, e):
+            for element in item_tags(buf, codec, item):
+                yield element
+                if element[1] == "SQ":
+                    stack.append((element[2], element[3]))
 
 
 # --------------------------------------------------------------------------------- encoding
