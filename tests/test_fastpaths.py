@@ -352,13 +352,25 @@ def test_a_failing_defacing_step_stops_the_eye_search(
 # ------------------------------------------------------------------------------ writing
 
 
-def test_two_process_writer_writes_the_same_bytes(tmp_path: Path) -> None:
+def test_two_process_writer_writes_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_case(tmp_path / "case", "hfs")
     case = load_case(tmp_path / "case")
     outputs, _ = build_outputs(deface_case(case, DefaceOptions(eye_check=False)), None)
     assert len(outputs) >= write.PARALLEL_WRITE_MIN_OBJECTS
     write_atomic(outputs, tmp_path / "serial")
+    monkeypatch.setattr(forking, "can_fork", lambda: True)  # even with pytest's threads
+    started: list[object] = []
+    real_start = write._start_writer
+
+    def spy(*args: object) -> object:
+        started.append(real_start(*args))  # type: ignore[arg-type]
+        return started[-1]
+
+    monkeypatch.setattr(write, "_start_writer", spy)
     write_atomic(outputs, tmp_path / "parallel", parallel=True)
+    assert len(started) == 1 and started[0] is not None  # a child wrote half of the CT
     names = sorted(
         str(p.relative_to(tmp_path / "serial")) for p in (tmp_path / "serial").rglob("*")
     )
@@ -387,6 +399,7 @@ def test_a_failing_writer_child_leaves_nothing(
         real(path, ds)
 
     monkeypatch.setattr(write, "write_dicom", failing)
+    monkeypatch.setattr(forking, "can_fork", lambda: True)  # even with pytest's threads
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="No space left"):
         write_atomic(outputs, out, parallel=True)
