@@ -317,11 +317,6 @@ def encode_item(content: bytes, codec: Codec) -> bytes:
     return struct.pack(codec.prefix + "HHI", 0xFFFE, 0xE000, len(content)) + content
 
 
-def element_bytes(buf: bytes, e: RawElement, codec: Codec) -> bytes:
-    """The bytes of an element as it is stored (copied verbatim)."""
-    return buf[e.start : e.end]
-
-
 def rebuild_item(
     buf: bytes,
     codec: Codec,
@@ -350,11 +345,6 @@ def raw_sequence_element(tag: int, value: bytes, codec: Codec) -> RawDataElement
     )
 
 
-def join_items(parts: Iterable[bytes]) -> bytes:
-    """A sequence value from encoded items."""
-    return b"".join(parts)
-
-
 __all__ = [
     "ITEM_TAG",
     "LONG_LENGTH_VRS",
@@ -362,14 +352,12 @@ __all__ = [
     "RawElement",
     "RawItem",
     "RawSequenceError",
-    "element_bytes",
     "elements",
     "encode_element",
     "encode_item",
     "item_elements",
     "item_tags",
     "items",
-    "join_items",
     "pad",
     "raw_sequence_element",
     "rebuild_item",
