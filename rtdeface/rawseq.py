@@ -17,7 +17,7 @@ by its byte span, so nothing is copied until an item is rebuilt.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
