@@ -258,8 +258,7 @@ def format_markdown(original: str, summaries: Sequence[dict[str, Any]]) -> str:
             "then descriptor distance to the original (different face at the same view; empty "
             "rendering).",
             "",
-            "| surface | view | " + " | ".join(heads) + " |",
-            "|---" * (len(heads) + 2) + "|",
+            *_table_head(["surface", "view"], heads),
         ]
         keys = [(r["surface"], r["view"]) for r in privs[0]["views"]]
         for key in keys:
@@ -279,8 +278,7 @@ def format_markdown(original: str, summaries: Sequence[dict[str, Any]]) -> str:
         "",
         "## ROI volume lost (mL)",
         "",
-        "| ROI | role | volume (mL) | " + " | ".join(heads) + " |",
-        "|---" * (len(heads) + 3) + "|",
+        *_table_head(["ROI", "role", "volume (mL)"], heads),
     ]
     for n, r in enumerate(utils[0]["rois"]):
         cells = []
@@ -299,8 +297,7 @@ def format_markdown(original: str, summaries: Sequence[dict[str, Any]]) -> str:
         "",
         "## DVH changes of the default OARs (Gy: Dmean, D2, Dmax)",
         "",
-        "| dose | ROI | " + " | ".join(heads) + " |",
-        "|---" * (len(heads) + 2) + "|",
+        *_table_head(["dose", "ROI"], heads),
     ]
     for n, d in enumerate(utils[0]["default_oar_dvh"]):
         cells = []
@@ -314,6 +311,12 @@ def format_markdown(original: str, summaries: Sequence[dict[str, Any]]) -> str:
                 cells.append(f"{x['d_mean_gy']:+.2f}, {x['d2_gy']:+.2f}, {x['d_max_gy']:+.2f}")
         out.append(f"| {d['dose']} | {d['roi']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def _table_head(lead: Sequence[str], heads: Sequence[str]) -> list[str]:
+    """The header and separator lines of a Markdown table: ``lead`` columns, then ``heads``."""
+    columns = [*lead, *heads]
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
 
 
 def side_by_side_png(

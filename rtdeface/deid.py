@@ -648,7 +648,12 @@ def _pn_parts(value: str) -> list[str]:
 
 
 def iter_elements(
-    ds: Dataset, prefix: str = "", *, vrs: frozenset[str] | None = None
+    ds: Dataset,
+    prefix: str = "",
+    *,
+    vrs: frozenset[str] | None = None,
+    scans: SequenceScans | None = None,
+    want: Callable[[BaseTag, str], bool] | None = None,
 ) -> Iterator[tuple[str, Dataset, DataElement]]:
     """Yield ``(path, owner, element)`` for every element at every depth, file meta first.
 
@@ -659,29 +664,45 @@ def iter_elements(
     prefix : str
         Path prefix of ``ds`` (used for nested items).
     vrs : frozenset of str or None
-        When given, only elements with these VRs, and private elements, are yielded (and
-        converted from their raw bytes); sequences are always walked into.
+        When given, only elements with these VRs, and private elements, are yielded;
+        sequences are always walked into.
+    scans : SequenceScans or None
+        When given, raw sequences holding only inert elements (:func:`is_inert`) are scanned
+        and skipped, not parsed or yielded.
+    want : callable or None
+        ``want(tag, vr)``: when given, elements it rejects are skipped (sequences are walked).
 
     Notes
     -----
-    Paths look like ``file_meta.MediaStorageSOPInstanceUID`` or
+    A read-only view: sequences are parsed in place, other raw elements are parsed for the
+    caller without replacing their raw form in ``ds``. Paths look like
+    ``file_meta.MediaStorageSOPInstanceUID`` or
     ``BeamSequence[0].ControlPointSequence[3].(300B,1001)``.
     """
     meta = getattr(ds, "file_meta", None)
     if meta is not None and not prefix:
-        for elem in meta:
-            if vrs is None or elem.VR in vrs:
+        for tag in list(meta.keys()):
+            vr = element_vr(meta, tag)
+            if (vrs is None or vr in vrs) and (want is None or want(tag, vr)):
+                elem = _peek_element(meta, tag)
                 yield f"file_meta.{_elem_name(elem)}", meta, elem
-    for tag in list(ds.keys()):
-        vr = element_vr(ds, tag)
-        if vr != "SQ" and vrs is not None and vr not in vrs and not tag.is_private:
+    for tag, raw in list(ds.items()):
+        vr = raw.VR or dictionary_vr(tag)
+        if vr == "SQ":
+            if scans is not None and scans.inert(ds, tag) is not None:
+                continue
+            elem = ds[tag]
+        elif (vrs is not None and vr not in vrs and not tag.is_private) or (
+            want is not None and not want(tag, vr)
+        ):
             continue
-        elem = ds[tag]
+        else:
+            elem = _peek_element(ds, tag)
         path = f"{prefix}{_elem_name(elem)}"
         yield path, ds, elem
         if elem.VR == "SQ" and elem.value is not None:
             for index, item in enumerate(elem.value):
-                yield from iter_elements(item, f"{path}[{index}].", vrs=vrs)
+                yield from iter_elements(item, f"{path}[{index}].", vrs=vrs, scans=scans, want=want)
 
 
 def _elem_name(elem: DataElement) -> str:
@@ -849,43 +870,6 @@ def splice_uids(
     return b"".join(out)
 
 
-def _iter_deid(
-    ds: Dataset,
-    vrs: frozenset[str],
-    scans: SequenceScans,
-    want: Callable[[BaseTag, str], bool] | None = None,
-) -> Iterator[tuple[str, Dataset, DataElement]]:
-    """:func:`iter_elements`, but raw inert sequences are scanned, not parsed or yielded.
-
-    ``want(tag, vr)``, when given, also skips (without converting) elements it rejects.
-    """
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None:
-        for tag in list(meta.keys()):
-            vr = element_vr(meta, tag)
-            if vr in vrs and (want is None or want(tag, vr)):
-                elem = _peek_element(meta, tag)
-                yield f"file_meta.{_elem_name(elem)}", meta, elem
-    stack: list[tuple[str, Dataset]] = [("", ds)]
-    while stack:
-        prefix, current = stack.pop()
-        for tag, raw in list(current.items()):
-            vr = raw.VR or dictionary_vr(tag)
-            if vr != "SQ" and vr not in vrs and not tag.is_private:
-                continue
-            if vr == "SQ" and scans.inert(current, tag) is not None:
-                continue
-            if vr != "SQ" and want is not None and not want(tag, vr):
-                continue
-            # sequences are parsed (and kept parsed: processing walks them next); other
-            # elements are read without replacing their raw form
-            elem = current[tag] if vr == "SQ" else _peek_element(current, tag)
-            path = f"{prefix}{_elem_name(elem)}"
-            yield path, current, elem
-            if elem.VR == "SQ" and elem.value is not None:
-                stack.extend((f"{path}[{i}].", item) for i, item in enumerate(elem.value))
-
-
 def _peek_element(ds: Dataset, tag: BaseTag) -> DataElement:
     """``ds[tag]`` without storing the parsed element in place of a raw one."""
     elem = ds.get_item(tag)
@@ -914,7 +898,7 @@ def case_identity_tokens(
     tokens: set[str] = set()
     scans = SequenceScans() if scans is None else scans
     for ds in datasets:
-        for _path, _owner, elem in _iter_deid(ds, TEXT_VRS, scans, _token_source):
+        for _path, _owner, elem in iter_elements(ds, vrs=TEXT_VRS, scans=scans, want=_token_source):
             if elem.VR == "SQ" or elem.tag.is_private:
                 continue
             keyword = elem.keyword

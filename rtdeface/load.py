@@ -21,7 +21,6 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_sequence
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
 
@@ -554,23 +553,14 @@ def raw_sequence_value(ds: Dataset, tag: int) -> tuple[bytes, rawseq.Codec]:
     fp = DicomBytesIO()
     fp.is_little_endian = codec.little
     fp.is_implicit_VR = codec.implicit
-    charset = [str(v) for v in _str_list(ds.get("SpecificCharacterSet"))] or [default_encoding]
-    write_sequence(fp, elem, charset)
+    write_sequence(fp, elem, ds.get("SpecificCharacterSet", default_encoding))
     return fp.getvalue(), codec
-
-
-def _str_list(value: object) -> list[object]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, (list, tuple, MultiValue)):
-        return list(value)
-    return [value]
 
 
 def parse_structure_set(ds: Dataset, path: Path) -> StructureSet:
     """Read ROIs and contours (patient mm) of an RTSTRUCT, matching sequences by ROINumber.
 
-    The ROIContourSequence is read from its raw bytes (:func:`raw_contours`); the returned
+    The ROIContourSequence is read from its raw bytes (:func:`raw_sequence_value`); the returned
     dataset is ``ds`` itself, unparsed.
 
     Raises

@@ -111,21 +111,21 @@ class StructuresResult:
         return tuple(c.name for c in self.changes if c.removed)
 
 
-def _fmt(v: float) -> str:
-    s = f"{v:.{COORD_DECIMALS}f}".rstrip("0").rstrip(".")
-    return "0" if s in ("-0", "") else s
-
-
 def _ring_points(coords: FloatArray, z_mm: float, y_mid_mm: float) -> list[str]:
-    """Contour data strings for a ring (closing vertex dropped), y snapped off the cut line.
+    """Contour data strings for a ring (closing vertex dropped), y snapped off the cut line."""
+    xy = np.asarray(coords, dtype=np.float64)[:, :2]
+    if len(xy) > 1 and np.allclose(xy[0], xy[-1]):
+        xy = xy[:-1]
+    return _plane_points(xy, z_mm, y_mid_mm)
+
+
+def _plane_points(xy: FloatArray, z_mm: float, y_mid_mm: float) -> list[str]:
+    """Contour data strings for points ``xy`` (n, 2) on the plane z, y snapped off the line.
 
     ``y_mid_mm`` is the plane's cut line (y_mid, or the face profile's limit in full-face
     mode). A vertex within rounding of the cut line is written rounded *up* (posterior), so
     no written point falls into the region through rounding.
     """
-    xy = np.asarray(coords, dtype=np.float64)[:, :2]
-    if len(xy) > 1 and np.allclose(xy[0], xy[-1]):
-        xy = xy[:-1]
     pts = np.empty((len(xy), 3), dtype=np.float64)
     pts[:, 0] = xy[:, 0]
     pts[:, 1] = snap_y(xy[:, 1], y_mid_mm)
@@ -138,7 +138,8 @@ _NEGATIVE_ZERO = re.compile(r"(?<![0-9.])-0(?=\\|$)")
 
 
 def format_ds(values: FloatArray) -> list[str]:
-    """DS strings of ``values`` as :func:`_fmt` writes them (one pass for the whole array)."""
+    """DS strings of ``values``: :data:`COORD_DECIMALS` decimals, trailing zeros (and a bare
+    point) dropped, ``-0`` written ``0`` (at most 16 characters for |v| < 1e8)."""
     if values.size == 0:
         return []
     text = "\\".join([f"%.{COORD_DECIMALS}f"] * values.size) % tuple(values.tolist())
@@ -147,18 +148,10 @@ def format_ds(values: FloatArray) -> list[str]:
 
 
 def snap_y(y: FloatArray, y_mid_mm: float) -> FloatArray:
-    """:func:`_snap_y` for an array of y values."""
+    """y values within rounding of the cut line, moved to the line rounded up (posterior)."""
     scale = 10.0**COORD_DECIMALS
     near = np.abs(y - y_mid_mm) < 2.0 / scale
     return np.where(near, math.ceil(y_mid_mm * scale) / scale, y)
-
-
-def _snap_y(y: float, y_mid_mm: float) -> float:
-    """A y within rounding of the cut line, moved to the line rounded up (posterior)."""
-    scale = 10.0**COORD_DECIMALS
-    if abs(y - y_mid_mm) < 2.0 / scale:
-        return math.ceil(y_mid_mm * scale) / scale
-    return y
 
 
 def _outline(points_lps_mm: FloatArray) -> BaseGeometry:
@@ -231,10 +224,7 @@ def _clip_open(contour: Contour, region: DefacingRegion) -> list[NewContour] | N
         y_line = float(region.y_limit(contour.z_mm)[0])
         for part in shapely.get_parts(parts):
             if isinstance(part, LineString) and not part.is_empty and len(part.coords) >= 2:
-                data: list[str] = []
-                for x, y in np.asarray(part.coords):
-                    y_out = _snap_y(float(y), y_line)
-                    data.extend((_fmt(float(x)), _fmt(y_out), _fmt(contour.z_mm)))
+                data = _plane_points(np.asarray(part.coords)[:, :2], contour.z_mm, y_line)
                 out.append(NewContour("OPEN_PLANAR", tuple(data)))
         return out
     # OPEN_NONPLANAR: keep runs of >= 2 consecutive vertices outside the cut
@@ -245,10 +235,10 @@ def _clip_open(contour: Contour, region: DefacingRegion) -> list[NewContour] | N
             run.append(p)
             continue
         if len(run) >= 2:
-            out.append(NewContour("OPEN_NONPLANAR", tuple(_fmt(float(v)) for q in run for v in q)))
+            out.append(NewContour("OPEN_NONPLANAR", tuple(format_ds(np.ravel(run)))))
         run = []
     if len(run) >= 2:
-        out.append(NewContour("OPEN_NONPLANAR", tuple(_fmt(float(v)) for q in run for v in q)))
+        out.append(NewContour("OPEN_NONPLANAR", tuple(format_ds(np.ravel(run)))))
     return out
 
 

@@ -266,7 +266,7 @@ def write_atomic(
         for folder in sorted({(tmp / o.relpath).parent for o in outputs}):
             folder.mkdir(parents=True, exist_ok=True)
         mine, theirs = _split(outputs) if parallel else (list(outputs), [])
-        child = _start_writer(theirs, tmp) if theirs else None
+        child = Child.start(_writer_child, theirs, tmp) if theirs else None
         if theirs and child is None:
             mine = list(outputs)
         try:
@@ -292,9 +292,6 @@ def _write_objects(outputs: Sequence[OutputObject], folder: Path) -> None:
     for obj in outputs:
         write_dicom(folder / obj.relpath, obj.dataset)
 
-
-UNDEFINED_LENGTH = 0xFFFFFFFF
-"""Value length of delimited elements."""
 
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 """(FFFE,E0DD) with length 0, little endian."""
@@ -387,13 +384,13 @@ def _encode_elements(
             write_data_element(buf, ds[tag], encodings)
             continue
         value = elem.value
-        undefined = elem.length == UNDEFINED_LENGTH
+        undefined = elem.length == rawseq.UNDEFINED_LENGTH
         if tag == 0x7FE00010:
             undefined = compressed  # PS3.5 A.4: encapsulated pixel data has undefined length
             if undefined and not value.startswith(b"\xfe\xff\x00\xe0"):
                 write_data_element(buf, ds[tag], encodings)
                 continue
-        length = UNDEFINED_LENGTH if undefined else len(value)
+        length = rawseq.UNDEFINED_LENGTH if undefined else len(value)
         group, element = tag >> 16, tag & 0xFFFF
         if implicit:
             buf.write(_PACK_IMPLICIT_HEADER(group, element, length))
@@ -421,10 +418,6 @@ def _split(outputs: Sequence[OutputObject]) -> tuple[list[OutputObject], list[Ou
     rest = [o for o in outputs if o.role != "CT"]
     half = len(ct) // 2
     return rest + ct[:half], ct[half:]
-
-
-def _start_writer(outputs: Sequence[OutputObject], folder: Path) -> Child | None:
-    return Child.start(_writer_child, outputs, folder)
 
 
 def _writer_child(outputs: Sequence[OutputObject], folder: Path, conn: Any) -> None:

@@ -37,7 +37,7 @@ from rtdeface.load import load_case, parse_structure_set
 from rtdeface.phantom import write_phantom_case as write_case
 from rtdeface.pipeline import DefaceOptions, ImageEyeSearch, deface_case, find_landmarks
 from rtdeface.region import DefacingRegion, even_odd
-from rtdeface.structures import _fmt, deface_structures, format_ds
+from rtdeface.structures import COORD_DECIMALS, deface_structures, format_ds, snap_y
 from rtdeface.write import build_outputs, write_atomic
 from tests.test_deid import KEY, make_case
 from tests.test_structures import make_rtstruct
@@ -257,6 +257,18 @@ def test_vectorised_ds_strings_equal_the_scalar_ones(values: list[float]) -> Non
     assert format_ds(np.asarray(values)) == [_fmt(v) for v in values]
 
 
+def _fmt(v: float) -> str:
+    """The scalar DS string (the formula rtdeface 0.1 wrote contours with)."""
+    s = f"{v:.{COORD_DECIMALS}f}".rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
+def test_y_on_the_cut_line_is_written_posterior_of_it() -> None:
+    # within 2e-6 mm of the line: moved to the line rounded up to 6 decimals (1.000001)
+    ys = np.array([1.0000004, 1.000001, 0.9999990, 1.000003, 5.0])
+    assert snap_y(ys, 1.0000004).tolist() == [1.000001, 1.000001, 1.000001, 1.000003, 5.0]
+
+
 def _ring(x0: float, y0: float, x1: float, y1: float) -> Polygon:
     return Polygon([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
 
@@ -362,13 +374,13 @@ def test_two_process_writer_writes_the_same_bytes(
     write_atomic(outputs, tmp_path / "serial")
     monkeypatch.setattr(forking, "can_fork", lambda: True)  # even with pytest's threads
     started: list[object] = []
-    real_start = write._start_writer
+    real_start = forking.Child.start
 
     def spy(*args: object) -> object:
         started.append(real_start(*args))  # type: ignore[arg-type]
         return started[-1]
 
-    monkeypatch.setattr(write, "_start_writer", spy)
+    monkeypatch.setattr(forking.Child, "start", staticmethod(spy))
     write_atomic(outputs, tmp_path / "parallel", parallel=True)
     assert len(started) == 1 and started[0] is not None  # a child wrote half of the CT
     names = sorted(
