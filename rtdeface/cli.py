@@ -454,13 +454,12 @@ def _cmd_deface(args: argparse.Namespace) -> int:
     t_load = time.perf_counter() - t0
     if args.what_if:
         return _what_if(case, deid)
-    defaced = deface_case(case, options, defer_eye_check=True, parallel=True)
+    defaced = deface_case(case, options, defer=True, parallel=True)
     t = time.perf_counter()
     try:
         outputs, record = build_outputs(defaced, deid)
     except BaseException:
-        if defaced.eye_search is not None:
-            defaced.eye_search.cancel()
+        defaced.cancel_pending()
         raise
     defaced.timings_s["load"] = t_load
     defaced.timings_s["build_outputs"] = time.perf_counter() - t

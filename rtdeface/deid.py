@@ -799,6 +799,7 @@ class SequenceScans:
 
     def __init__(self) -> None:
         self._by_value: dict[tuple[bytes, bool, bool], SequenceScan] = {}
+        self._items: _ItemScans = {}
 
     def scan(self, elem: RawDataElement) -> SequenceScan:
         value = elem.value
@@ -807,7 +808,7 @@ class SequenceScans:
         key = (value, bool(elem.is_implicit_VR), bool(elem.is_little_endian))
         found = self._by_value.get(key)
         if found is None:
-            found = scan_raw_sequence(*key)
+            found = scan_raw_sequence(*key, items=self._items)
             self._by_value[key] = found
         return found
 
@@ -824,26 +825,101 @@ class SequenceScans:
         return [v for v in self._by_value.values() if v.inert]
 
 
-def scan_raw_sequence(value: bytes, implicit: bool, little: bool) -> SequenceScan:
-    """Walk a raw sequence value once: is it inert, and which UIDs does it hold?"""
+_ItemScan = tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[int, int], ...]] | None
+"""(UIDs, class UIDs, UI value spans relative to the item start) of an inert item; None when
+the item is not inert."""
+
+_ItemScans = dict[tuple[bytes, bool, bool], _ItemScan]
+"""Scans of items worth caching (:data:`CACHED_ITEM_BYTES`), by item bytes and encoding."""
+
+CACHED_ITEM_BYTES = 512
+"""Items at least this long are scanned once per value (smaller ones are cheaper to walk)."""
+
+
+def scan_raw_sequence(
+    value: bytes, implicit: bool, little: bool, items: _ItemScans | None = None
+) -> SequenceScan:
+    """Walk a raw sequence value once: is it inert, and which UIDs does it hold?
+
+    ``items`` caches the scan of every large item at every depth by its bytes, so a sequence
+    rebuilt from another one's items (a defaced ROIContourSequence) walks only its new items.
+    """
     codec = rawseq.Codec(implicit, little)
-    class_uids: set[str] = set()
-    uids: set[str] = set()
+    uids: list[str] = []
+    class_uids: list[str] = []
     spans: list[tuple[int, int]] = []
     try:
-        for tag, vr, start, end in rawseq.walk_tags(value, codec):
-            if not is_inert(tag, vr):
-                return SequenceScan(False)
-            if vr == "UI":
-                text = value[start:end].decode("ascii", "replace").strip(" \x00")
-                values = [v for v in text.split("\\") if v]
-                uids.update(values)
-                spans.append((start, end))
-                if is_class_uid_keyword(keyword_for_tag(tag)):
-                    class_uids.update(values)
+        inert = _scan_items(
+            value, 0, len(value), codec, {} if items is None else items, uids, class_uids, spans
+        )
     except rawseq.RawSequenceError:
         return SequenceScan(False)  # let pydicom parse it (and report what is wrong)
+    if not inert:
+        return SequenceScan(False)
     return SequenceScan(True, frozenset(class_uids), frozenset(uids), tuple(sorted(spans)))
+
+
+def _scan_items(
+    value: bytes,
+    start: int,
+    end: int,
+    codec: rawseq.Codec,
+    cache: _ItemScans,
+    uids: list[str],
+    class_uids: list[str],
+    spans: list[tuple[int, int]],
+) -> bool:
+    """Add the UIDs and spans (relative to ``value``) of the items in ``value[start:end]``;
+    False when one is not inert."""
+    for item in rawseq.items(value, codec, start, end):
+        if item.end - item.start < CACHED_ITEM_BYTES:
+            if not _scan_item(value, item, codec, cache, uids, class_uids, spans, 0):
+                return False
+            continue
+        key = (value[item.start : item.end], codec.implicit, codec.little)
+        if key in cache:
+            found = cache[key]
+        else:
+            u: list[str] = []
+            c: list[str] = []
+            sp: list[tuple[int, int]] = []
+            inert = _scan_item(value, item, codec, cache, u, c, sp, item.start)
+            found = cache[key] = (tuple(u), tuple(c), tuple(sp)) if inert else None
+        if found is None:
+            return False
+        uids.extend(found[0])
+        class_uids.extend(found[1])
+        spans.extend((a + item.start, b + item.start) for a, b in found[2])
+    return True
+
+
+def _scan_item(
+    value: bytes,
+    item: rawseq.RawItem,
+    codec: rawseq.Codec,
+    cache: _ItemScans,
+    uids: list[str],
+    class_uids: list[str],
+    spans: list[tuple[int, int]],
+    origin: int,
+) -> bool:
+    """Add one item's UIDs and spans (relative to ``origin``); False when it is not inert."""
+    for tag, vr, start, end in rawseq.item_tags(value, codec, item):
+        if not is_inert(tag, vr):
+            return False
+        if vr == "UI":
+            text = value[start:end].decode("ascii", "replace").strip(" \x00")
+            values = [v for v in text.split("\\") if v]
+            uids.extend(values)
+            spans.append((start - origin, end - origin))
+            if is_class_uid_keyword(keyword_for_tag(tag)):
+                class_uids.extend(values)
+        elif vr == "SQ":
+            nested: list[tuple[int, int]] = []
+            if not _scan_items(value, start, end, codec, cache, uids, class_uids, nested):
+                return False
+            spans.extend((a - origin, b - origin) for a, b in nested)
+    return True
 
 
 def splice_uids(
@@ -1611,17 +1687,87 @@ def deidentify_datasets(
     InputError
         The objects carry different PatientIDs, or the pseudonym CSV has no row for the case.
     """
-    ctx = _make_context(datasets, options)
-    _deidentify(datasets, ctx, ct_defaced=ct_defaced)
-    return DeidRecord(
-        original_patient_id=ctx.original_patient_id,
-        pseudonym=ctx.pseudonym,
-        date_offset_days=ctx.offset_days,
-        n_objects=len(datasets),
-        action_counts=dict(ctx.counts),
-        options=options.applied_options(ct_defaced=ct_defaced),
-        identity_tokens=ctx.tokens,
-    )
+    session = DeidSession(datasets, options, ct_defaced=ct_defaced)
+    session.process(datasets)
+    return session.record()
+
+
+class DeidSession:
+    """De-identification of one case's objects in parts, with one context.
+
+    The context (pseudonym, date offset, identity tokens and the keyed UID table) is built
+    from ``context`` (the case's objects, e.g. the originals of the objects being written);
+    :meth:`process` then de-identifies objects in place as they become ready, and
+    :meth:`record` gives the audit record. Processing the objects of ``context`` themselves,
+    in any number of calls, is :func:`deidentify_datasets`.
+
+    Raises
+    ------
+    InputError
+        As :func:`deidentify_datasets`.
+    """
+
+    def __init__(
+        self,
+        context: Sequence[Dataset],
+        options: DeidOptions,
+        *,
+        ct_defaced: bool,
+        describe: bool = False,
+    ) -> None:
+        self._ctx = ctx = _make_context(context, options)
+        if describe:  # every element is visited and described (what_if)
+            ctx.events = []
+            ctx.memo = None
+        self._ct_defaced = ct_defaced
+        self._applied = ctx.options.applied_options(ct_defaced=ct_defaced)
+        self._n_objects = 0
+        class_uids, uids = _uid_inventory(context, ctx.scans)
+        ctx.mapper = UidMapper(ctx.options.key, ctx.options.uid_root)
+        # one keyed mapping for the whole case; same-length where possible, so raw bytes
+        # (large structure-set sequences, CT headers) are rewritten without being parsed
+        ctx.uid_table = SameLengthTable.build(
+            ctx.mapper,
+            {u for u in uids if u not in class_uids and not u.startswith(REGISTERED_UID_ROOT)},
+        )
+
+    def process(self, datasets: Iterable[Dataset]) -> None:
+        """De-identify ``datasets`` in place."""
+        ctx = self._ctx
+        n = 0
+        for ds in datasets:
+            n += 1
+            if ctx.events is not None and ctx.uid_table is not None and ctx.mapper is not None:
+                for path, _owner, elem in iter_elements(ds, vrs=_UI):
+                    for value in _str_values(elem.value) if elem.VR == "UI" else []:
+                        new = ctx.uid_table.map(ctx.mapper, value)
+                        if new != value:
+                            _note(ctx, path, elem, "U", value, new, count=False)
+            meta = getattr(ds, "file_meta", None)
+            if meta is not None:
+                _process_dataset(meta, ctx, "file_meta.")
+            _process_dataset(ds, ctx, "")
+            _stamp(ds, ctx, self._applied)
+        self._n_objects += n
+        logger.debug("de-identified %d object(s): %s", n, dict(ctx.counts))
+
+    @property
+    def events(self) -> list[WhatIfEntry]:
+        """What was done to each element (only with ``describe``)."""
+        return list(self._ctx.events or [])
+
+    def record(self) -> DeidRecord:
+        """The audit record of the objects processed so far."""
+        ctx = self._ctx
+        return DeidRecord(
+            original_patient_id=ctx.original_patient_id,
+            pseudonym=ctx.pseudonym,
+            date_offset_days=ctx.offset_days,
+            n_objects=self._n_objects,
+            action_counts=dict(ctx.counts),
+            options=self._applied,
+            identity_tokens=ctx.tokens,
+        )
 
 
 def _make_context(datasets: Sequence[Dataset], options: DeidOptions) -> _Context:
@@ -1640,33 +1786,6 @@ def _make_context(datasets: Sequence[Dataset], options: DeidOptions) -> _Context
         original_patient_id=patient_id,
         scans=scans,
     )
-
-
-def _deidentify(datasets: Sequence[Dataset], ctx: _Context, *, ct_defaced: bool) -> None:
-    options = ctx.options.applied_options(ct_defaced=ct_defaced)
-    class_uids, uids = _uid_inventory(datasets, ctx.scans)
-    ctx.mapper = UidMapper(ctx.options.key, ctx.options.uid_root)
-    # one keyed mapping for the whole case; same-length where possible, so raw bytes (large
-    # structure-set sequences, CT headers) are rewritten without being parsed
-    ctx.uid_table = SameLengthTable.build(
-        ctx.mapper,
-        {u for u in uids if u not in class_uids and not u.startswith(REGISTERED_UID_ROOT)},
-    )
-    if ctx.events is not None:
-        ctx.memo = None  # every element is visited and described
-    for ds in datasets:
-        if ctx.events is not None:
-            for path, _owner, elem in iter_elements(ds, vrs=_UI):
-                for value in _str_values(elem.value) if elem.VR == "UI" else []:
-                    new = ctx.uid_table.map(ctx.mapper, value)
-                    if new != value:
-                        _note(ctx, path, elem, "U", value, new, count=False)
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None:
-            _process_dataset(meta, ctx, "file_meta.")
-        _process_dataset(ds, ctx, "")
-        _stamp(ds, ctx, options)
-    logger.debug("de-identified %d object(s): %s", len(datasets), dict(ctx.counts))
 
 
 def what_if(ds: Dataset, options: DeidOptions, *, ct_defaced: bool = False) -> list[WhatIfEntry]:
@@ -1688,10 +1807,9 @@ def what_if(ds: Dataset, options: DeidOptions, *, ct_defaced: bool = False) -> l
         The ``before`` values are identifying: show them to the operator only.
     """
     work = copy.deepcopy(ds)
-    ctx = _make_context([work], options)
-    ctx.events = []
-    _deidentify([work], ctx, ct_defaced=ct_defaced)
-    return list(ctx.events)
+    session = DeidSession([work], options, ct_defaced=ct_defaced, describe=True)
+    session.process([work])
+    return session.events
 
 
 __all__ = [
@@ -1706,6 +1824,7 @@ __all__ = [
     "RT_SUPPLEMENT",
     "DeidOptions",
     "DeidRecord",
+    "DeidSession",
     "WhatIfEntry",
     "case_identity_tokens",
     "date_offset_days",

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from rtdeface.errors import InputError
+from rtdeface.uids import dictionary_vr
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,49 @@ def peek(ds: Dataset, keyword: str, default: Any = None) -> Any:
     return elem.value
 
 
-def _str(ds: Dataset, keyword: str) -> str:
+ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+"""VRs whose values are plain ASCII (no character set applies): read from their bytes."""
+
+
+def _raw_ascii(ds: Dataset, tag: int) -> bytes | None:
+    """The stripped bytes of a raw element of an ASCII VR; None when it must be converted."""
+    elem = ds.get_item(tag)
+    if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
+        return None
+    vr = elem.VR or dictionary_vr(tag)
+    return elem.value.strip(b" \x00") if vr in ASCII_VRS else None
+
+
+def peek_str(ds: Dataset, keyword: str) -> str:
+    """``str(peek(ds, keyword))`` stripped ("" when absent or empty), single values of ASCII
+    VRs straight from their bytes (the same text, without building pydicom values)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return ""
+    raw = _raw_ascii(ds, tag)
+    if raw is not None and b"\\" not in raw:
+        return raw.decode("ascii", "replace")
     value = peek(ds, keyword, "")
     return "" if value is None else str(value).strip()
+
+
+def peek_floats(ds: Dataset, keyword: str) -> list[float] | None:
+    """A multi-valued DS/IS element as floats straight from its bytes (None when it is
+    absent, empty, not raw or not numeric: convert it with :func:`peek` instead)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    raw = _raw_ascii(ds, tag)
+    if not raw:
+        return None
+    try:
+        return [float(v) for v in raw.split(b"\\")]
+    except ValueError:
+        return None
+
+
+def _str(ds: Dataset, keyword: str) -> str:
+    return peek_str(ds, keyword)
 
 
 def classify(ds: Dataset, path: Path) -> FileRecord:

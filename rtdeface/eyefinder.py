@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy import fft as sp_fft
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
@@ -475,6 +476,19 @@ def _local_box(grid: Grid, centre_mm: FloatArray, half_mm: float) -> tuple[slice
     return (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
 
 
+def median_filter(a: Float32Array, size: int) -> Float32Array:
+    """The ``size`` x ``size`` x ``size`` median filter of ``a`` (odd ``size``, edges
+    repeated): the values of ``scipy.ndimage.median_filter(a, size, mode="nearest")``, about
+    2.5 times faster for size 3 (one partial sort of every voxel's neighbours at once)."""
+    half = size // 2
+    padded = np.pad(a, half, mode="edge")
+    n = size**3
+    windows = sliding_window_view(padded, (size, size, size)).reshape(*a.shape, n)
+    neighbours = np.array(windows)  # a contiguous copy, partitioned in place
+    neighbours.partition(n // 2, axis=-1)
+    return np.ascontiguousarray(neighbours[..., n // 2])
+
+
 def _refine_eye(hu: Float32Array, grid: Grid, centre_mm: FloatArray) -> _EyeMask:
     """Refine one globe on the original grid: centre, radius and voxel mask.
 
@@ -496,7 +510,7 @@ def _refine_eye(hu: Float32Array, grid: Grid, centre_mm: FloatArray) -> _EyeMask
     box = _local_box(grid, centre_mm, LOCAL_HALF_MM)
     start = np.asarray([s.start for s in box])
     spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
-    smooth = ndi.median_filter(hu[box], size=MEDIAN_SIZE_VOXELS, mode="nearest")
+    smooth = median_filter(hu[box], MEDIAN_SIZE_VOXELS)
     globe = ndi.binary_fill_holes((smooth >= VITREOUS_HU[0]) & (smooth <= VITREOUS_HU[1]))
     k, i, j = np.meshgrid(
         *(np.arange(s.start, s.stop, dtype=np.float64) for s in box), indexing="ij"

@@ -32,6 +32,8 @@ from rtdeface.discover import (
     classify,
     iter_files,
     peek,
+    peek_floats,
+    peek_str,
     read_dicom,
 )
 from rtdeface.errors import DicomReferenceError, GeometryError, InputError
@@ -105,6 +107,9 @@ def copy_encoding(src: Dataset, dst: Dataset) -> None:
 
 
 def _floats(ds: Dataset, keyword: str, n: int, what: str) -> FloatArray:
+    fast = peek_floats(ds, keyword)
+    if fast is not None and len(fast) == n:
+        return np.asarray(fast, dtype=np.float64)
     value = peek(ds, keyword)
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
@@ -174,9 +179,16 @@ class CtSeries:
 
     def hu_volume(self) -> npt.NDArray[np.float32]:
         """The whole series in Hounsfield units, float32, shape (nk, ni, nj)."""
-        out = np.empty(self.grid.shape, dtype=np.float32)
-        for k in range(self.grid.shape[0]):
-            out[k] = self.hu_slice(k)
+        return self.hu_slab(0, self.grid.shape[0])
+
+    def hu_slab(self, k0: int, k1: int) -> npt.NDArray[np.float32]:
+        """Slices ``k0 .. k1 - 1`` in Hounsfield units, float32, shape (k1 - k0, ni, nj):
+        the values of :meth:`hu_slice`, computed in place."""
+        out = np.empty((k1 - k0, *self.grid.shape[1:]), dtype=np.float32)
+        for n, k in enumerate(range(k0, k1)):
+            slope, intercept = self.rescale(k)
+            np.multiply(self.stored_slice(k), np.float32(slope), out=out[n], casting="unsafe")
+            out[n] += np.float32(intercept)
         return out
 
 
@@ -414,7 +426,7 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
         grid = Grid(affine, (len(datasets), rows, cols))
     except GeometryError as exc:
         raise GeometryError(f"{what}: {exc}") from exc
-    for_uids = {str(peek(ds, "FrameOfReferenceUID", "")) for ds in datasets}
+    for_uids = {peek_str(ds, "FrameOfReferenceUID") for ds in datasets}
     if len(for_uids) != 1 or "" in for_uids:
         raise DicomReferenceError(
             f"{what}: slices carry FrameOfReferenceUID {sorted(for_uids)}; one non-empty frame "

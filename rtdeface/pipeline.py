@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +18,7 @@ from rtdeface.ct import CtResult, deface_ct
 from rtdeface.dose import DoseResult, deface_dose
 from rtdeface.errors import LandmarkError, UsageError
 from rtdeface.eyefinder import find_eyes_in_image
-from rtdeface.forking import Child
+from rtdeface.forking import Deferred
 from rtdeface.fullface import (
     DEFAULT_FACE_DEPTH_MM,
     DEFAULT_FACE_MARGIN_MM,
@@ -33,14 +32,14 @@ from rtdeface.landmarks import (
     landmarks_from_rois,
     select_eye_rois,
 )
-from rtdeface.load import Case
+from rtdeface.load import Case, StructureSet
 from rtdeface.region import (
     DefacingRegion,
     RoiSections,
     select_preserved,
     with_margin,
 )
-from rtdeface.structures import StructuresResult, deface_structures
+from rtdeface.structures import StructuresClip, StructuresResult, apply_clip, clip_structures
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +117,14 @@ class DefacedCase:
     ct : CtResult
     ct_preserved_in_region : int
         CT voxel centres in R kept because they are in P.
-    structures : StructuresResult or None
+    structures_work : StructuresResult, StructuresJob or None
+        The defaced structure set, or its clipping still running
+        (``deface_case(..., defer=True)``); read it through :attr:`structures`.
     doses : tuple of DoseResult
         Same order as ``case.doses``.
     timings_s : dict of str to float
     eye_search : ImageEyeSearch or None
-        The image cross-check still running (``deface_case(..., defer_eye_check=True)``);
+        The image cross-check still running (``deface_case(..., defer=True)``);
         :func:`complete_eye_check` joins it.
     """
 
@@ -133,10 +134,73 @@ class DefacedCase:
     region: DefacingRegion
     ct: CtResult
     ct_preserved_in_region: int
-    structures: StructuresResult | None
+    structures_work: StructuresResult | StructuresJob | None
     doses: tuple[DoseResult, ...]
     timings_s: dict[str, float] = field(default_factory=dict)
     eye_search: ImageEyeSearch | None = None
+
+    @property
+    def structures(self) -> StructuresResult | None:
+        """The defaced structure set (None without RTSTRUCT); waits for a running clipping
+        and raises its error."""
+        work = self.structures_work
+        return work.result(self.timings_s) if isinstance(work, StructuresJob) else work
+
+    def cancel_pending(self) -> None:
+        """Stop the work still running in child processes (the caller failed)."""
+        if self.eye_search is not None:
+            self.eye_search.cancel()
+        if isinstance(self.structures_work, StructuresJob):
+            self.structures_work.cancel()
+
+
+class StructuresJob:
+    """The clipping of the structure set (:func:`rtdeface.structures.clip_structures`),
+    in a forked child beside the CT, dose and de-identification work when possible (see
+    :class:`rtdeface.forking.Deferred`); :meth:`result` joins it once and keeps the result."""
+
+    def __init__(self, structure_set: StructureSet, call: Deferred[StructuresClip]) -> None:
+        self._structure_set = structure_set
+        self._call = call
+        self._result: StructuresResult | None = None
+
+    @property
+    def forked(self) -> bool:
+        """Whether the clipping runs in a child process (not yet joined)."""
+        return self._call.forked
+
+    @classmethod
+    def start(
+        cls,
+        structure_set: StructureSet,
+        region: DefacingRegion,
+        thickness_mm: float,
+        *,
+        parallel: bool = True,
+    ) -> StructuresJob:
+        """Start clipping ``structure_set`` against ``region``."""
+        call = Deferred.start(
+            clip_structures, structure_set, region, thickness_mm, parallel=parallel
+        )
+        return cls(structure_set, call)
+
+    def result(self, timings: dict[str, float] | None = None) -> StructuresResult:
+        """The defaced structure set (the clipping's error is raised here); ``timings``
+        receives ``structures`` (clipping) and ``structures_wait`` (time spent waiting)."""
+        if self._result is None:
+            forked = self._call.forked
+            t = time.perf_counter()
+            clip = self._call.result()
+            if timings is not None:
+                timings["structures"] = clip.seconds
+                if forked:
+                    timings["structures_wait"] = time.perf_counter() - t
+            self._result = apply_clip(self._structure_set, clip)
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop a running child."""
+        self._call.cancel()
 
 
 HuProvider = Callable[[], npt.NDArray[np.float32]]
@@ -184,74 +248,56 @@ def find_eyes_near(case: Case, contoured: EyeLandmarks) -> EyeLandmarks:
     """
     k0, k1 = eye_check_slab(case, contoured)
     grid = case.ct.grid.slab(k0, k1)
-    hu = np.stack([case.ct.hu_slice(k) for k in range(k0, k1)])
-    return find_eyes_in_image(hu, grid)
+    return find_eyes_in_image(case.ct.hu_slab(k0, k1), grid)
 
 
-EYE_SEARCH_TIMEOUT_S = 300.0
-"""Longest wait (s) for the child process of :class:`ImageEyeSearch` before the search is
-rerun in this process (a forked child could hang on a lock held by another thread)."""
+EYE_SEARCH_NICE = 10
+"""Priority decrease of the eye cross-check's child process: the check only reports, so it
+takes the CPU time the defacing and writing processes leave idle."""
 
 
 class ImageEyeSearch:
     """The image search for the eyes of one case, run beside other work when possible.
 
-    :meth:`start` forks a child process (Linux, two or more CPUs) that runs
-    :func:`find_eyes_near` while the parent goes on (the search holds the GIL for much of its
-    time, so a thread would not overlap); :meth:`result` waits for it. Where forking is not
-    available, or the child fails for any reason other than the search itself,
-    :meth:`result` runs the search in this process. The result is the same either way.
+    :meth:`start` forks a child process (Linux, two or more CPUs; see
+    :class:`rtdeface.forking.Deferred`) that runs :func:`find_eyes_near` at a lower priority
+    while the parent goes on (the search holds the GIL for much of its time, so a thread would
+    not overlap); :meth:`result` waits for it. Where forking is not available, or the child
+    fails for any reason other than the search itself, :meth:`result` runs the search in this
+    process. The result is the same either way.
     """
 
-    def __init__(self, case: Case, contoured: EyeLandmarks, child: Child | None = None) -> None:
-        self._case = case
-        self._contoured = contoured
-        self._child = child
+    def __init__(self, call: Deferred[EyeLandmarks]) -> None:
+        self._call = call
 
     @property
     def forked(self) -> bool:
         """Whether the search runs in a child process (not yet joined)."""
-        return self._child is not None
+        return self._call.forked
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, while it runs in one."""
+        return self._call.pid
 
     @classmethod
     def start(cls, case: Case, contoured: EyeLandmarks, *, parallel: bool = True) -> ImageEyeSearch:
         """Start the search near ``contoured`` (in a child process when ``parallel`` and
         forking is possible; else :meth:`result` runs it)."""
-        child = Child.start(_eye_search_child, case, contoured) if parallel else None
-        return cls(case, contoured, child)
+        return cls(
+            Deferred.start(find_eyes_near, case, contoured, parallel=parallel, nice=EYE_SEARCH_NICE)
+        )
 
     def cancel(self) -> None:
         """Stop a running child (the caller failed and will not ask for the result)."""
-        if self._child is not None:
-            self._child.stop()
-            self._child = None
+        self._call.cancel()
 
     def result(self) -> tuple[EyeLandmarks | None, str]:
         """(landmarks found in the image, "") or (None, why the search failed)."""
-        if self._child is not None:
-            answer = self._child.receive(EYE_SEARCH_TIMEOUT_S)
-            self._child = None
-            if isinstance(answer, tuple) and answer[0] == "ok":
-                return answer[1], ""
-            if isinstance(answer, tuple) and answer[0] == "landmark_error":
-                return None, str(answer[1])
-            log.debug("eye search child failed; running it in this process")
         try:
-            return find_eyes_near(self._case, self._contoured), ""
+            return self._call.result(), ""
         except LandmarkError as exc:
             return None, str(exc)
-
-
-def _eye_search_child(case: Case, contoured: EyeLandmarks, conn: Any) -> None:
-    """Child of :meth:`ImageEyeSearch.start`: send ("ok", landmarks) or the failure."""
-    try:
-        conn.send(("ok", find_eyes_near(case, contoured)))
-    except LandmarkError as exc:
-        conn.send(("landmark_error", str(exc)))
-    except Exception:  # anything else: the parent reruns the search and sees it
-        conn.send(("failed", None))
-    finally:
-        conn.close()
 
 
 def find_landmarks(
@@ -341,17 +387,20 @@ def deface_case(
     case: Case,
     options: DefaceOptions | None = None,
     *,
-    defer_eye_check: bool = False,
+    defer: bool = False,
     parallel: bool = False,
 ) -> DefacedCase:
     """Deface one loaded case (CT, every ROI, every dose grid) without writing anything.
 
-    The image cross-check of contoured eyes (``--eyes auto``) only reports; it never changes
-    the cut. With ``parallel`` it runs in a forked child beside the defacing
-    (:class:`ImageEyeSearch`; for a single case on an otherwise idle machine, not inside
-    worker pools); it is joined before this returns or, with ``defer_eye_check``, by
-    :func:`complete_eye_check` (so that it can overlap with writing too; call
-    :meth:`ImageEyeSearch.cancel` on the pending search if the caller fails before that).
+    With ``parallel`` (for a single case on an otherwise idle machine, not inside worker
+    pools) the structure set is clipped in a forked child beside the CT and dose work
+    (:class:`StructuresJob`), and the image cross-check of contoured eyes (``--eyes auto``;
+    it only reports, it never changes the cut) runs in another at a lower priority
+    (:class:`ImageEyeSearch`). Both are joined before this returns or, with ``defer``, later:
+    the structures on the first read of :attr:`DefacedCase.structures` (e.g. by
+    :func:`rtdeface.write.build_outputs` after the CT objects), the cross-check by
+    :func:`complete_eye_check`, so that they overlap with de-identification and writing too;
+    call :meth:`DefacedCase.cancel_pending` if the caller fails before that.
     """
     options = options or DefaceOptions()
     timings: dict[str, float] = {}
@@ -367,24 +416,26 @@ def deface_case(
     ):
         search = ImageEyeSearch.start(case, landmarks, parallel=parallel)
     timings["landmarks"] = time.perf_counter() - t0
+    structures: StructuresJob | None = None
     try:
         t = time.perf_counter()
         region = build_region(case, landmarks, options, hu)
+        if case.structure_set is not None:
+            thickness = case.ct.grid.spacing_mm[0]
+            structures = StructuresJob.start(
+                case.structure_set, region, thickness, parallel=parallel
+            )
         cut, kept = region.sample(case.ct.grid)
         ct = deface_ct(case.ct, cut)
         timings["ct"] = time.perf_counter() - t
-        t = time.perf_counter()
-        structures = None
-        if case.structure_set is not None:
-            thickness = case.ct.grid.spacing_mm[0]
-            structures = deface_structures(case.structure_set, region, thickness)
-        timings["structures"] = time.perf_counter() - t
         t = time.perf_counter()
         doses = tuple(deface_dose(d, region) for d in case.doses)
         timings["dose"] = time.perf_counter() - t
     except BaseException:
         if search is not None:
             search.cancel()
+        if structures is not None:
+            structures.cancel()
         raise
     log.info(
         "defaced: z >= %.2f mm, y < %.2f mm; %d CT voxels changed, %d preserved in region",
@@ -396,7 +447,14 @@ def deface_case(
     defaced = DefacedCase(
         case, options, landmarks, region, ct, kept, structures, doses, timings, search
     )
-    return defaced if defer_eye_check else complete_eye_check(defaced)
+    if defer:
+        return defaced
+    try:
+        defaced.structures  # noqa: B018 (joins the clipping; its error is raised here)
+    except BaseException:
+        defaced.cancel_pending()
+        raise
+    return complete_eye_check(defaced)
 
 
 def complete_eye_check(defaced: DefacedCase) -> DefacedCase:

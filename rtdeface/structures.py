@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -322,6 +323,29 @@ def _rebuild_roi_item(
     return rawseq.rebuild_item(value, codec, item, {CONTOUR_SEQUENCE_TAG: seq}), n
 
 
+@dataclass(frozen=True)
+class StructuresClip:
+    """The work of :func:`clip_structures`: small and picklable (it may come from a child
+    process), applied to the structure set by :func:`apply_clip`.
+
+    Attributes
+    ----------
+    changes : tuple of RoiChange
+        One per input ROI, in StructureSetROISequence order.
+    roi_contours : bytes or None
+        The new value of the ROIContourSequence (None: unchanged).
+    removed_numbers : frozenset of int
+        ROIs left without any contour.
+    seconds : float
+        Time the clipping took.
+    """
+
+    changes: tuple[RoiChange, ...]
+    roi_contours: bytes | None
+    removed_numbers: frozenset[int]
+    seconds: float = 0.0
+
+
 def deface_structures(
     structure_set: StructureSet, region: DefacingRegion, default_thickness_mm: float
 ) -> StructuresResult:
@@ -340,7 +364,29 @@ def deface_structures(
     default_thickness_mm : float
         Slab thickness for volumes of single-plane ROIs (the CT slice spacing).
     """
+    return apply_clip(structure_set, clip_structures(structure_set, region, default_thickness_mm))
+
+
+def apply_clip(structure_set: StructureSet, clip: StructuresClip) -> StructuresResult:
+    """The defaced structure set: a copy of ``structure_set.dataset`` with ``clip`` applied."""
     ds = copy_dataset(structure_set.dataset)
+    raw = structure_set.raw_contours
+    if raw is not None and clip.roi_contours is not None:
+        ds[ROI_CONTOUR_SEQUENCE_TAG] = rawseq.raw_sequence_element(
+            ROI_CONTOUR_SEQUENCE_TAG, clip.roi_contours, raw.codec
+        )
+    if clip.removed_numbers:
+        _remove_rois(ds, set(clip.removed_numbers))
+        for number in sorted(clip.removed_numbers):
+            log.warning("ROI %d has no contour left after defacing; removed", number)
+    return StructuresResult(ds, clip.changes)
+
+
+def clip_structures(
+    structure_set: StructureSet, region: DefacingRegion, default_thickness_mm: float
+) -> StructuresClip:
+    """The clipping of :func:`deface_structures`, without touching any dataset."""
+    t0 = time.perf_counter()
     raw = structure_set.raw_contours
     preserved = set(region.preserved_numbers)
     changes: list[RoiChange] = []
@@ -418,20 +464,17 @@ def deface_structures(
                 removed,
             )
         )
+    roi_contours = None
     if raw is not None and (rebuilt or removed_numbers):
         parts = []
         for index, (item, number) in enumerate(zip(raw.roi_items, raw.numbers)):
             if number in removed_numbers:
                 continue
             parts.append(rebuilt.get(index, raw.value[item.start : item.end]))
-        ds[ROI_CONTOUR_SEQUENCE_TAG] = rawseq.raw_sequence_element(
-            ROI_CONTOUR_SEQUENCE_TAG, b"".join(parts), raw.codec
-        )
-    if removed_numbers:
-        _remove_rois(ds, removed_numbers)
-        for number in sorted(removed_numbers):
-            log.warning("ROI %d has no contour left after defacing; removed", number)
-    return StructuresResult(ds, tuple(changes))
+        roi_contours = b"".join(parts)
+    return StructuresClip(
+        tuple(changes), roi_contours, frozenset(removed_numbers), time.perf_counter() - t0
+    )
 
 
 def _remove_rois(ds: Dataset, numbers: set[int]) -> None:

@@ -42,8 +42,8 @@ from rtdeface import rawseq
 from rtdeface.deid import (
     DeidOptions,
     DeidRecord,
+    DeidSession,
     SequenceScans,
-    deidentify_datasets,
     encode_raw,
     raw_form,
 )
@@ -173,16 +173,41 @@ def build_outputs(
     defaced : DefacedCase
     deid : DeidOptions, optional
         De-identify all output datasets of the case together (PS3.15 Annex E; every UID is
-        then remapped with the de-identification key). Without it only the UIDs of the
-        changed objects are remapped, with a key derived from the cut.
+        then remapped with the de-identification key). The context (identity tokens, the
+        UID table) comes from the case's input objects, so the CT objects are de-identified
+        while the structure set may still be clipped (:class:`rtdeface.pipeline.StructuresJob`).
+        Without it only the UIDs of the changed objects are remapped, with a key derived from
+        the cut.
 
     Returns
     -------
     outputs : list of OutputObject
+        CT slices in index order, then RTSTRUCT, RTDOSE(s), RTPLAN(s).
     record : DeidRecord or None
         The de-identification audit record (holds the original PatientID: keep it private).
     """
     case = defaced.case
+    session = None
+    if deid is not None:  # the context comes from the inputs: the CT goes first (see below)
+        originals = [*case.ct.datasets]
+        if case.structure_set is not None:
+            originals.append(case.structure_set.dataset)
+        originals += [d.dataset for d in case.doses] + [plan for _, plan in case.plans]
+        session = DeidSession(originals, deid, ct_defaced=True)
+        mapper = table = splice = None
+    else:
+        mapper = UidMapper(uid_key(defaced))
+        table = SameLengthTable.build(mapper, changed_uids(defaced))
+        splice = SequenceScans().splicer(table)
+
+    def finish(objects: Sequence[OutputObject]) -> None:
+        if session is not None:
+            session.process([o.dataset for o in objects])
+            return
+        assert mapper is not None and table is not None
+        for o in objects:
+            remap_uids_raw(o.dataset, mapper, table, splice=splice)
+
     outputs: list[OutputObject] = []
     derived: dict[tuple[object, ...], RawDataElement] = {}  # encoded once per value and form
     for k, src in enumerate(case.ct.datasets):
@@ -191,9 +216,13 @@ def build_outputs(
             _set_pixels(ds, defaced.ct.slices[k])
         _set_derived(ds, derived)
         outputs.append(OutputObject(f"CT/CT_{k + 1:04d}.dcm", "CT", ds))
+    # the CT first, while the structure set may still be clipped in a child process
+    # (deface_case(..., defer=True)): reading defaced.structures waits for it
+    finish(outputs)
+    rest: list[OutputObject] = []
     if defaced.structures is not None:  # a copy: building outputs twice gives the same result
         structures = copy_dataset(defaced.structures.dataset)
-        outputs.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", structures))
+        rest.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", structures))
     for n, (dose, result) in enumerate(zip(case.doses, defaced.doses), start=1):
         ds = copy_dataset(dose.dataset)
         if result.stored is not None:
@@ -201,20 +230,11 @@ def build_outputs(
         if "DVHSequence" in ds:
             del ds.DVHSequence
             log.info("RTDOSE %d: stale DVHSequence dropped", n)
-        outputs.append(OutputObject(f"RTDOSE_{n}.dcm", "RTDOSE", ds))
+        rest.append(OutputObject(f"RTDOSE_{n}.dcm", "RTDOSE", ds))
     for n, (_, plan) in enumerate(case.plans, start=1):
-        outputs.append(OutputObject(f"RTPLAN_{n}.dcm", "RTPLAN", copy_dataset(plan)))
-    datasets = [o.dataset for o in outputs]
-    record = None
-    if deid is not None:
-        record = deidentify_datasets(datasets, deid, ct_defaced=True)
-    else:
-        mapper = UidMapper(uid_key(defaced))
-        table = SameLengthTable.build(mapper, changed_uids(defaced))
-        splice = SequenceScans().splicer(table)
-        for ds in datasets:
-            remap_uids_raw(ds, mapper, table, splice=splice)
-    return outputs, record
+        rest.append(OutputObject(f"RTPLAN_{n}.dcm", "RTPLAN", copy_dataset(plan)))
+    finish(rest)
+    return outputs + rest, session.record() if session is not None else None
 
 
 def check_output_free(out_dir: Path) -> Path:

@@ -322,11 +322,19 @@ def test_forked_eye_search_equals_the_inline_one(
     assert image_forked.z_inferior_mm == image_inline.z_inferior_mm
     assert image_forked.y_mid_mm == image_inline.y_mid_mm
     assert image_forked.confidence == image_inline.confidence
-    synchronous = deface_case(case).landmarks.cross_check
-    deferred = pipeline.complete_eye_check(
-        deface_case(case, defer_eye_check=True, parallel=True)
-    ).landmarks.cross_check
-    assert synchronous == deferred and synchronous is not None and synchronous.agree
+    synchronous = deface_case(case)
+    pending = deface_case(case, defer=True, parallel=True)
+    assert isinstance(pending.structures_work, pipeline.StructuresJob)
+    assert pending.structures_work.forked and pending.eye_search is not None
+    deferred = pipeline.complete_eye_check(pending)
+    check = synchronous.landmarks.cross_check
+    assert check == deferred.landmarks.cross_check and check is not None and check.agree
+    assert synchronous.structures is not None and deferred.structures is not None
+    assert synchronous.structures.changes == deferred.structures.changes
+    write.write_dicom(tmp_path / "a.dcm", synchronous.structures.dataset)
+    write.write_dicom(tmp_path / "b.dcm", deferred.structures.dataset)
+    assert (tmp_path / "a.dcm").read_bytes() == (tmp_path / "b.dcm").read_bytes()
+    assert multiprocessing.active_children() == []
 
 
 def test_a_cancelled_eye_search_leaves_no_process(
@@ -338,8 +346,8 @@ def test_a_cancelled_eye_search_leaves_no_process(
     monkeypatch.setattr(forking, "can_fork", lambda: True)
     monkeypatch.setattr(pipeline, "find_eyes_near", lambda *a: time.sleep(60))
     search = ImageEyeSearch.start(case, contoured)
-    assert search._child is not None
-    assert [p.pid for p in multiprocessing.active_children()] == [search._child.proc.pid]
+    assert search.pid is not None
+    assert [p.pid for p in multiprocessing.active_children()] == [search.pid]
     search.cancel()
     assert multiprocessing.active_children() == []
 
