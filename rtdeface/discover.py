@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -104,26 +105,35 @@ ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 """VRs whose values are plain ASCII (no character set applies): read from their bytes."""
 
 
-def _raw_ascii(ds: Dataset, tag: int) -> bytes | None:
-    """The stripped bytes of a raw element of an ASCII VR; None when it must be converted."""
+_PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
+"""Printable ASCII without backslash: a single value whose text needs no conversion."""
+
+
+def _raw_ascii(ds: Dataset, tag: int) -> tuple[bytes, str] | None:
+    """(value bytes, VR) of a raw element of an ASCII VR; None when it must be converted."""
     elem = ds.get_item(tag)
     if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
         return None
     vr = elem.VR or dictionary_vr(tag)
-    return elem.value.strip(b" \x00") if vr in ASCII_VRS else None
+    return (elem.value, vr) if vr in ASCII_VRS else None
 
 
 def peek_str(ds: Dataset, keyword: str) -> str:
-    """``str(peek(ds, keyword))`` stripped ("" when absent or empty), single values of ASCII
-    VRs straight from their bytes (the same text, without building pydicom values)."""
+    """``str(peek(ds, keyword)).strip()`` ("" when absent or empty); a single value of an
+    ASCII VR in printable ASCII is read straight from its bytes (the same text, without
+    building pydicom values), anything else is converted by pydicom."""
     tag = tag_for_keyword(keyword)
     if tag is None or tag not in ds:
         return ""
     raw = _raw_ascii(ds, tag)
-    if raw is not None and b"\\" not in raw:
-        return raw.decode("ascii", "replace")
-    value = peek(ds, keyword, "")
-    return "" if value is None else str(value).strip()
+    if raw is not None:
+        value, vr = raw
+        if vr == "UI":
+            value = value.rstrip(b"\x00 ")  # as pydicom's UI conversion
+        if _PRINTABLE.fullmatch(value):
+            return value.decode("ascii").strip()
+    converted = peek(ds, keyword, "")
+    return "" if converted is None else str(converted).strip()
 
 
 def peek_floats(ds: Dataset, keyword: str) -> list[float] | None:
@@ -133,10 +143,11 @@ def peek_floats(ds: Dataset, keyword: str) -> list[float] | None:
     if tag is None or tag not in ds:
         return None
     raw = _raw_ascii(ds, tag)
-    if not raw:
+    value = raw[0].strip(b" \x00") if raw is not None else b""
+    if not value:
         return None
     try:
-        return [float(v) for v in raw.split(b"\\")]
+        return [float(v) for v in value.split(b"\\")]
     except ValueError:
         return None
 

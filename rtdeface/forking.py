@@ -74,7 +74,7 @@ class Child:
         try:
             if self.conn.poll(timeout_s):
                 answer = self.conn.recv()
-        except (EOFError, OSError):
+        except Exception:  # no answer, or one that cannot be unpickled here
             answer = NO_ANSWER
         finally:
             self.conn.close()

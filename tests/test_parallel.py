@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
 from rtdeface import forking, pipeline
@@ -53,6 +54,17 @@ def _unpicklable() -> object:
     return lambda: 42
 
 
+class _TwoArgError(InputError):
+    """Pickles, but cannot be unpickled (its __init__ needs two arguments)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a} {b}")
+
+
+def _fail_two(a: str, b: str) -> None:
+    raise _TwoArgError(a, b)
+
+
 # ------------------------------------------------------------------------------ Deferred
 
 
@@ -76,6 +88,14 @@ def test_deferred_repeats_the_call_when_the_answer_cannot_be_pickled(forks: None
     assert call.forked
     value = call.result()
     assert callable(value) and value() == 42  # made here, after the child's answer failed
+    assert multiprocessing.active_children() == []
+
+
+def test_deferred_repeats_the_call_when_the_answer_cannot_be_unpickled(forks: None) -> None:
+    call = forking.Deferred.start(_fail_two, "ROI 3:", "corrupt")
+    assert call.forked
+    with pytest.raises(_TwoArgError, match=r"^ROI 3: corrupt$"):  # raised by the repeated call
+        call.result()
     assert multiprocessing.active_children() == []
 
 
@@ -170,6 +190,35 @@ def test_a_session_in_parts_equals_one_pass(tmp_path: Path) -> None:
         assert pa.read_bytes() == pb.read_bytes()
 
 
+def test_identity_words_of_items_the_cut_removes_still_count(tmp_path: Path) -> None:
+    """The context comes from the inputs: a name only in a removed ROI's observation item
+    still makes a label that mentions it unsafe (README, Clean Descriptors)."""
+    case_dir = tmp_path / "case"
+    write_case(case_dir, "hfs")
+    rs_path = next(case_dir.rglob("RTSTRUCT*.dcm"))
+    rs = pydicom.dcmread(rs_path)
+    removed = 4  # Lens_L: inside the cut, no contour left after defacing
+    kept = 30
+    names = {int(r.ROINumber): str(r.ROIName) for r in rs.StructureSetROISequence}
+    assert names[removed] == "Lens_L"
+    for obs in rs.RTROIObservationsSequence:
+        if int(obs.ReferencedROINumber) == removed:
+            obs.ROIInterpreter = "Kowalczyk^Anna"
+    for roi in rs.StructureSetROISequence:
+        if int(roi.ROINumber) == kept:
+            roi.ROIName = "Marker_Kowalczyk"
+    rs.save_as(rs_path, enforce_file_format=True)
+    defaced = deface_case(load_case(case_dir), DefaceOptions(eye_check=False))
+    assert defaced.structures is not None and removed in {
+        c.number for c in defaced.structures.changes if c.removed
+    }
+    outputs, _ = build_outputs(defaced, DeidOptions(key=KEY))
+    ss = next(o.dataset for o in outputs if o.role == "RTSTRUCT")
+    written = {int(r.ROINumber): str(r.ROIName) for r in ss.StructureSetROISequence}
+    assert removed not in written
+    assert written[kept] == f"ROI_{kept}"
+
+
 def test_cached_item_scans_equal_fresh_scans_of_a_rebuilt_sequence(tmp_path: Path) -> None:
     write_case(tmp_path / "case", "hfs")
     case = load_case(tmp_path / "case")
@@ -219,6 +268,34 @@ def test_peek_text_and_numbers_equal_the_pydicom_values(tmp_path: Path) -> None:
     assert isinstance(ds.get_item("ImagePositionPatient"), pydicom.dataelem.RawDataElement)
     assert isinstance(ds.get_item("SOPInstanceUID"), pydicom.dataelem.RawDataElement)
     assert peek(ds, "Modality") == "CT"
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("Modality", b"CT\t"),
+        ("Modality", b"C\xe9"),
+        ("Modality", b"CT\x00"),
+        ("Modality", b" CT "),
+        ("Modality", b"CT\\MR"),
+        ("SOPInstanceUID", b"\x001.2.3"),
+        ("SOPInstanceUID", b"1.2.3\x00"),
+        ("SOPInstanceUID", b"1.2.3 "),
+        ("SOPInstanceUID", b""),
+    ],
+)
+def test_peek_str_of_odd_values_equals_pydicoms(keyword: str, value: bytes) -> None:
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    vr = pydicom.datadict.dictionary_VR(tag)
+    raw = pydicom.dataelem.RawDataElement(
+        pydicom.tag.Tag(tag), vr, len(value), value, 0, False, True
+    )
+    ds = Dataset()
+    ds[tag] = raw
+    ref = Dataset()
+    ref[tag] = raw
+    expected = str(ref.get(keyword) if ref.get(keyword) is not None else "").strip()
+    assert peek_str(ds, keyword) == expected
 
 
 @pytest.mark.parametrize("size", [3, 5])
