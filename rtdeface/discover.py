@@ -152,41 +152,37 @@ def peek_floats(ds: Dataset, keyword: str) -> list[float] | None:
         return None
 
 
-def _str(ds: Dataset, keyword: str) -> str:
-    return peek_str(ds, keyword)
-
-
 def classify(ds: Dataset, path: Path) -> FileRecord:
     """Describe a dataset (a header read is enough) as a :class:`FileRecord`."""
-    sop_class = _str(ds, "SOPClassUID")
+    sop_class = peek_str(ds, "SOPClassUID")
     if not sop_class and "file_meta" in ds.__dict__ and ds.file_meta is not None:
         sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
     role = ROLE_BY_SOP_CLASS.get(sop_class, "OTHER")
-    for_uid = _str(ds, "FrameOfReferenceUID")
+    for_uid = peek_str(ds, "FrameOfReferenceUID")
     ref_series: list[str] = []
     if role == "RTSTRUCT":
         for fr in ds.get("ReferencedFrameOfReferenceSequence", []) or []:
-            for_uid = for_uid or _str(fr, "FrameOfReferenceUID")
+            for_uid = for_uid or peek_str(fr, "FrameOfReferenceUID")
             for st in fr.get("RTReferencedStudySequence", []) or []:
                 for se in st.get("RTReferencedSeriesSequence", []) or []:
-                    ref_series.append(_str(se, "SeriesInstanceUID"))
+                    ref_series.append(peek_str(se, "SeriesInstanceUID"))
     ref_sops: list[str] = []
     for keyword in ("ReferencedStructureSetSequence", "ReferencedRTPlanSequence"):
         for item in ds.get(keyword, []) or []:
-            ref_sops.append(_str(item, "ReferencedSOPInstanceUID"))
+            ref_sops.append(peek_str(item, "ReferencedSOPInstanceUID"))
     return FileRecord(
         path=path,
         role=role,
         sop_class_uid=sop_class,
-        sop_instance_uid=_str(ds, "SOPInstanceUID"),
-        modality=_str(ds, "Modality"),
-        study_instance_uid=_str(ds, "StudyInstanceUID"),
-        series_instance_uid=_str(ds, "SeriesInstanceUID"),
+        sop_instance_uid=peek_str(ds, "SOPInstanceUID"),
+        modality=peek_str(ds, "Modality"),
+        study_instance_uid=peek_str(ds, "StudyInstanceUID"),
+        series_instance_uid=peek_str(ds, "SeriesInstanceUID"),
         frame_of_reference_uid=for_uid,
         referenced_series_uids=tuple(u for u in ref_series if u),
         referenced_sop_uids=tuple(u for u in ref_sops if u),
-        patient_id=_str(ds, "PatientID"),
-        patient_name=_str(ds, "PatientName"),
+        patient_id=peek_str(ds, "PatientID"),
+        patient_name=peek_str(ds, "PatientName"),
     )
 
 
@@ -226,7 +222,7 @@ def read_dicom(path: Path, *, header_only: bool) -> Dataset | None:
         raise InputError(f"{path}: unreadable DICOM file (truncated: {truncated}); {remedy}")
     if "DirectoryRecordSequence" in ds:  # DICOMDIR: an index, not an object
         return None
-    if not _str(ds, "SOPClassUID") and not _str(ds, "SOPInstanceUID"):
+    if not peek_str(ds, "SOPClassUID") and not peek_str(ds, "SOPInstanceUID"):
         meta = ds.__dict__.get("file_meta")
         if meta is None or "TransferSyntaxUID" not in meta:
             # pydicom parses anything after a DICM prefix; without file meta it is garbage

@@ -17,7 +17,6 @@ by its byte span, so nothing is copied until an item is rebuilt.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydicom.dataelem import RawDataElement
@@ -230,38 +229,9 @@ def text(buf: bytes, e: RawElement) -> str:
     return buf[e.value_start : e.value_end].decode("ascii", "replace").strip(" \x00")
 
 
-def walk(buf: bytes, codec: Codec, start: int = 0, end: int | None = None) -> Iterator[RawElement]:
-    """Every element of a sequence value at every depth (nested sequences' elements too)."""
-    stack = [(start, len(buf) if end is None else end)]
-    while stack:
-        s, e = stack.pop()
-        for item in items(buf, codec, s, e):
-            for el in item_elements(buf, codec, item):
-                yield el
-                if el.vr == "SQ":
-                    stack.append((el.value_start, el.value_end))
-
-
 _EXPLICIT_LE_HEADER = struct.Struct("<HH2sH")
 _LE_UINT32 = struct.Struct("<I")
 _LONG_LENGTH_VR_BYTES = frozenset(v.encode("ascii") for v in LONG_LENGTH_VRS)
-
-
-def walk_tags(
-    buf: bytes, codec: Codec, start: int = 0, end: int | None = None
-) -> Iterator[tuple[int, str, int, int]]:
-    """:func:`walk` as ``(tag, vr, value_start, value_end)`` tuples (fast: :func:`item_tags`).
-
-    The same elements as :func:`walk`, in the same order.
-    """
-    stack = [(start, len(buf) if end is None else end)]
-    while stack:
-        s, e = stack.pop()
-        for item in items(buf, codec, s, e):
-            for element in item_tags(buf, codec, item):
-                yield element
-                if element[1] == "SQ":
-                    stack.append((element[2], element[3]))
 
 
 # --------------------------------------------------------------------------------- encoding
@@ -342,6 +312,4 @@ __all__ = [
     "raw_sequence_element",
     "rebuild_item",
     "text",
-    "walk",
-    "walk_tags",
 ]

@@ -84,14 +84,38 @@ ENCODINGS = [
 ]
 
 
+def _walk(buf: bytes, codec: rawseq.Codec) -> Iterator[rawseq.RawElement]:
+    """Every element of a sequence value at every depth, through rawseq.item_elements."""
+    stack = [(0, len(buf))]
+    while stack:
+        s, e = stack.pop()
+        for item in rawseq.items(buf, codec, s, e):
+            for el in rawseq.item_elements(buf, codec, item):
+                yield el
+                if el.vr == "SQ":
+                    stack.append((el.value_start, el.value_end))
+
+
+def _walk_tags(buf: bytes, codec: rawseq.Codec) -> Iterator[tuple[int, str, int, int]]:
+    """The same elements through the fast rawseq.item_tags."""
+    stack = [(0, len(buf))]
+    while stack:
+        s, e = stack.pop()
+        for item in rawseq.items(buf, codec, s, e):
+            for element in rawseq.item_tags(buf, codec, item):
+                yield element
+                if element[1] == "SQ":
+                    stack.append((element[2], element[3]))
+
+
 @pytest.mark.parametrize(("implicit", "little", "undefined"), ENCODINGS)
 def test_raw_walk_finds_every_element_with_its_value(
     implicit: bool, little: bool, undefined: bool
 ) -> None:
     buf = _encoded(implicit, little, undefined)
     codec = rawseq.Codec(implicit, little)
-    walked = [(e.tag, e.vr, buf[e.value_start : e.value_end]) for e in rawseq.walk(buf, codec)]
-    fast = [(t, vr, buf[s:e]) for t, vr, s, e in rawseq.walk_tags(buf, codec)]
+    walked = [(e.tag, e.vr, buf[e.value_start : e.value_end]) for e in _walk(buf, codec)]
+    fast = [(t, vr, buf[s:e]) for t, vr, s, e in _walk_tags(buf, codec)]
     assert sorted(fast) == sorted(walked)
     data = [v for t, _, v in walked if t == 0x30060050]
     assert [d.rstrip(b" ") for d in data] == [
@@ -107,9 +131,9 @@ def test_raw_walk_finds_every_element_with_its_value(
 def test_raw_walk_rejects_truncated_bytes() -> None:
     buf = _encoded(False, True, False)
     with pytest.raises(rawseq.RawSequenceError):
-        list(rawseq.walk(buf[:-7], rawseq.Codec(False, True)))
+        list(_walk(buf[:-7], rawseq.Codec(False, True)))
     with pytest.raises(rawseq.RawSequenceError):
-        list(rawseq.walk_tags(buf[:-7], rawseq.Codec(False, True)))
+        list(_walk_tags(buf[:-7], rawseq.Codec(False, True)))
 
 
 @pytest.mark.parametrize(("implicit", "little", "undefined"), ENCODINGS)
