@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +30,10 @@ from rtdeface.region import DefacingRegion, select_preserved
 
 if TYPE_CHECKING:
     from rtdeface.batch import CaseResult
-    from rtdeface.deid import DeidOptions
+    from rtdeface.deid import DeidOptions, SessionJob
     from rtdeface.discover import TreeCases
     from rtdeface.load import Case
+    from rtdeface.write import CaseWriter
 
 log = logging.getLogger("rtdeface")
 
@@ -430,7 +432,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def _cmd_deface(args: argparse.Namespace) -> int:
     from rtdeface.report import case_report, to_json
-    from rtdeface.write import build_outputs, check_output_free, write_atomic
+    from rtdeface.write import CaseWriter, build_outputs, check_output_free
 
     t_start = time.perf_counter()
     tree = _discover_tree(args, keep_datasets=True)
@@ -450,23 +452,39 @@ def _cmd_deface(args: argparse.Namespace) -> int:
     if not args.what_if:
         check_output_free(output)
     t0 = t_start
-    case = _load_single(args, tree)
-    t_load = time.perf_counter() - t0
     if args.what_if:
-        return _what_if(case, deid)
-    defaced = deface_case(case, options, defer=True, parallel=True)
-    t = time.perf_counter()
+        return _what_if(_load_single(args, tree)[0], deid)
+    case, session = _load_single(args, tree, deid)
+    t_load = time.perf_counter() - t0
     try:
-        outputs, record = build_outputs(defaced, deid)
+        defaced = deface_case(case, options, defer=True, parallel=True)
+    except BaseException:
+        if session is not None:
+            session.cancel()
+        raise
+    t = time.perf_counter()
+    writer: CaseWriter | None = None
+    try:
+        # the CT slices are written by a child process as soon as they are final, while this
+        # one finishes the structure set, the doses and plans, and the report
+        writer = CaseWriter(output)
+        outputs, record = build_outputs(
+            defaced, deid, context=session, ct_ready=partial(writer.write, background=True)
+        )
+        defaced.timings_s["load"] = t_load
+        defaced.timings_s["build_outputs"] = time.perf_counter() - t
+        defaced = complete_eye_check(defaced)  # the image cross-check ran beside the work above
+        report = case_report(defaced, outputs, record)
+        t = time.perf_counter()
+        writer.write([o for o in outputs if o.role != "CT"])
+        out = writer.commit({REPORT_NAME: to_json(report)})
     except BaseException:
         defaced.cancel_pending()
+        if session is not None:
+            session.cancel()
+        if writer is not None:
+            writer.abort()
         raise
-    defaced.timings_s["load"] = t_load
-    defaced.timings_s["build_outputs"] = time.perf_counter() - t
-    defaced = complete_eye_check(defaced)  # the image cross-check ran beside the work above
-    report = case_report(defaced, outputs, record)
-    t = time.perf_counter()
-    out = write_atomic(outputs, output, {REPORT_NAME: to_json(report)}, parallel=True)
     if record is not None:
         from rtdeface.deid import write_audit
 
@@ -640,18 +658,36 @@ def _discover_tree(args: argparse.Namespace, keep_datasets: bool = False) -> Tre
     return discover_cases(args.case_dir, args.jobs, limit)
 
 
-def _load_single(args: argparse.Namespace, tree: TreeCases | None) -> Case:
-    """The one case of INPUT, from the datasets discovery kept (else read here)."""
+def _load_single(
+    args: argparse.Namespace, tree: TreeCases | None, deid: DeidOptions | None = None
+) -> tuple[Case, SessionJob | None]:
+    """The one case of INPUT, from the datasets discovery kept (else read here).
+
+    With ``deid``, the de-identification context of the case's objects is started in a child
+    process before the case is loaded (:class:`rtdeface.deid.SessionJob`) and returned too.
+    """
+    from rtdeface.deid import SessionJob
     from rtdeface.discover import assemble_single_case
     from rtdeface.load import load_case, load_case_files
 
     if tree is None or not tree.index.datasets:
-        return load_case(args.case_dir)
+        return load_case(args.case_dir), None
     if tree.index.unreadable:
         raise InputError(tree.index.unreadable[0][1])
     source = Path(args.case_dir)
     files = assemble_single_case(list(tree.index.records), source)
-    return load_case_files(files, source, tree.index.datasets)
+    datasets = tree.index.datasets
+    session = None
+    if deid is not None:
+        rs = (files.rtstruct,) if files.rtstruct is not None else ()
+        objects = [datasets[r.path] for r in (*files.ct, *rs, *files.doses, *files.plans)]
+        session = SessionJob(objects, deid, ct_defaced=True)
+    try:
+        return load_case_files(files, source, datasets), session
+    except BaseException:
+        if session is not None:
+            session.cancel()
+        raise
 
 
 def _inspect_tree(args: argparse.Namespace, tree: TreeCases) -> int:

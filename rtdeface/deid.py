@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.charset import default_encoding
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -66,8 +65,9 @@ from pydicom.tag import BaseTag, Tag
 
 from rtdeface import __version__, rawseq
 from rtdeface.annex_e import ACTIONS, EDITION, MASKED_ACTIONS, SOURCE
-from rtdeface.discover import peek
+from rtdeface.discover import peek_str
 from rtdeface.errors import InputError, UsageError
+from rtdeface.forking import Deferred
 from rtdeface.uids import (
     DEFAULT_UID_ROOT,
     REGISTERED_UID_ROOT,
@@ -75,6 +75,7 @@ from rtdeface.uids import (
     UidMapper,
     dictionary_vr,
     element_vr,
+    tag_keyword,
 )
 
 logger = logging.getLogger(__name__)
@@ -626,6 +627,11 @@ def is_descriptor_field(keyword: str, vr: str, tag: int) -> bool:
     return vr in FREE_TEXT_VRS and table_action(tag) is None
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_class_uid_tag(tag: int) -> bool:
+    return is_class_uid_keyword(tag_keyword(tag))
+
+
 def is_class_uid_keyword(keyword: str) -> bool:
     """True for UI elements that name a class or encoding, not an instance (never remapped)."""
     return (
@@ -739,7 +745,7 @@ def is_inert(tag: int, vr: str) -> bool:
     group = tag >> 16
     if group & 1 or group == 0x0002 or group == 0xFFFE:
         return False
-    keyword = keyword_for_tag(tag)
+    keyword = tag_keyword(tag)
     if (
         not keyword
         or keyword in _SPECIAL_KEYWORDS
@@ -811,6 +817,11 @@ class SequenceScans:
             found = scan_raw_sequence(*key, items=self._items)
             self._by_value[key] = found
         return found
+
+    def add(self, value: bytes, implicit: bool, little: bool, scan: SequenceScan) -> None:
+        """Record ``scan`` as the scan of ``value`` (made elsewhere, e.g. in a child
+        process, by :func:`scan_raw_sequence` of the same bytes and encoding)."""
+        self._by_value[(value, bool(implicit), bool(little))] = scan
 
     def inert(self, ds: Dataset, tag: BaseTag) -> SequenceScan | None:
         """The scan of ``ds[tag]`` when it is a raw, inert sequence (None otherwise)."""
@@ -912,7 +923,7 @@ def _scan_item(
             values = [v for v in text.split("\\") if v]
             uids.extend(values)
             spans.append((start - origin, end - origin))
-            if is_class_uid_keyword(keyword_for_tag(tag)):
+            if _is_class_uid_tag(tag):
                 class_uids.extend(values)
         elif vr == "SQ":
             nested: list[tuple[int, int]] = []
@@ -958,7 +969,7 @@ def _token_source(tag: BaseTag, vr: str) -> bool:
     """Whether an element can hold identity tokens (checked before its value is converted)."""
     if vr == "PN":
         return True
-    keyword = keyword_for_tag(tag)
+    keyword = tag_keyword(int(tag))
     return keyword in IDENTITY_ID_KEYWORDS or keyword in SITE_KEYWORDS
 
 
@@ -1259,7 +1270,7 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
             and vr != "SQ"
             and not tag.is_private
             and isinstance(raw.value, bytes)
-            and keyword_for_tag(tag) not in _OWNER_DEPENDENT
+            and tag_keyword(int(tag)) not in _OWNER_DEPENDENT
         ):
             key = (int(tag), vr, raw.value, form)
             hit = ctx.memo.get(key)
@@ -1402,7 +1413,7 @@ def _process_element(owner: Dataset, elem: DataElement, ctx: _Context, path: str
             return True
         _set(ctx, path, owner, elem, "private_removed", None, remove=True)
         return False
-    keyword = elem.keyword or keyword_for_tag(tag)
+    keyword = elem.keyword or tag_keyword(int(tag))
     if elem.tag.group == 0x0002:
         if keyword in FILE_META_REMOVED:
             _set(ctx, path, owner, elem, "X", None, remove=True)
@@ -1575,7 +1586,7 @@ def _method_texts(options: tuple[str, ...]) -> list[str]:
 
 
 def _stamp(ds: Dataset, ctx: _Context, options: tuple[str, ...]) -> None:
-    modality = str(peek(ds, "Modality", "") or "")
+    modality = peek_str(ds, "Modality")
     applied = tuple(
         o
         for o in options
@@ -1614,7 +1625,7 @@ def _stamp(ds: Dataset, ctx: _Context, options: tuple[str, ...]) -> None:
 def _keyed_identifier(ctx: _Context, path: str, owner: Dataset, elem: DataElement) -> None:
     """StudyID and AccessionNumber -> keyed hashes (distinct per study, never merged)."""
     value = "\\".join(_str_values(elem.value)).strip()
-    study_uid = str(peek(owner, "StudyInstanceUID", "") or "")
+    study_uid = peek_str(owner, "StudyInstanceUID")
     if elem.keyword == "StudyID":
         anchor = study_uid or value
         if anchor:
@@ -1654,7 +1665,7 @@ def _uid_inventory(datasets: Iterable[Dataset], scans: SequenceScans) -> tuple[s
                 values = _str_values(value)
             values = [v.strip().rstrip("\x00") for v in values]
             uids.update(v for v in values if v)
-            if is_class_uid_keyword(keyword_for_tag(tag) or ""):
+            if _is_class_uid_tag(int(tag)):
                 class_uids.update(v for v in values if v)
     for scan in scans.all():
         class_uids.update(scan.class_uids)
@@ -1751,6 +1762,10 @@ class DeidSession:
         self._n_objects += n
         logger.debug("de-identified %d object(s): %s", n, dict(ctx.counts))
 
+    def add_scan(self, value: bytes, implicit: bool, little: bool, scan: SequenceScan) -> None:
+        """Use ``scan`` for the raw sequence value ``value`` (see :meth:`SequenceScans.add`)."""
+        self._ctx.scans.add(value, implicit, little, scan)
+
     @property
     def events(self) -> list[WhatIfEntry]:
         """What was done to each element (only with ``describe``)."""
@@ -1768,6 +1783,58 @@ class DeidSession:
             options=self._applied,
             identity_tokens=ctx.tokens,
         )
+
+
+class SessionJob:
+    """A :class:`DeidSession` whose context is built in a forked child process while the
+    caller loads and defaces the case (see :class:`rtdeface.forking.Deferred`).
+
+    The context of a case is a function of its input objects only, so it can be built as soon
+    as they are read. :meth:`session` returns it for exactly those objects; asked for any other
+    list, it builds that list's session in this process (the result is the same either way).
+    """
+
+    def __init__(
+        self,
+        context: Sequence[Dataset],
+        options: DeidOptions,
+        *,
+        ct_defaced: bool,
+        parallel: bool = True,
+    ) -> None:
+        self._context = list(context)  # kept alive, so the identities below stay unique
+        self._ids = frozenset(id(ds) for ds in self._context)
+        self._options = options
+        self._ct_defaced = ct_defaced
+        self._call = Deferred.start(
+            _session_in_child, self._context, options, ct_defaced, parallel=parallel
+        )
+
+    @property
+    def forked(self) -> bool:
+        """Whether the context is being built in a child process (not yet joined)."""
+        return self._call.forked
+
+    def session(self, context: Sequence[Dataset]) -> DeidSession:
+        """The session of ``context`` (its errors, e.g. several PatientIDs, are raised here)."""
+        if len(context) == len(self._context) and {id(ds) for ds in context} == self._ids:
+            return self._call.result()
+        self._call.cancel()
+        return DeidSession(context, self._options, ct_defaced=self._ct_defaced)
+
+    def cancel(self) -> None:
+        """Stop a running child (the case failed)."""
+        self._call.cancel()
+
+
+def _session_in_child(
+    context: Sequence[Dataset], options: DeidOptions, ct_defaced: bool
+) -> DeidSession:
+    """A new session; its sequence scans (a cache holding whole raw sequences) are dropped
+    so that the answer sent back stays small."""
+    session = DeidSession(context, options, ct_defaced=ct_defaced)
+    session._ctx.scans = SequenceScans()
+    return session
 
 
 def _make_context(datasets: Sequence[Dataset], options: DeidOptions) -> _Context:
@@ -1825,6 +1892,7 @@ __all__ = [
     "DeidOptions",
     "DeidRecord",
     "DeidSession",
+    "SessionJob",
     "WhatIfEntry",
     "case_identity_tokens",
     "date_offset_days",

@@ -152,6 +152,21 @@ def peek_floats(ds: Dataset, keyword: str) -> list[float] | None:
         return None
 
 
+def peek_uint(ds: Dataset, keyword: str) -> int | None:
+    """A single US or UL value straight from its little-endian bytes (None when absent);
+    anything else (other VRs, several values, big endian, parsed) is converted by pydicom."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes) and elem.is_little_endian:
+        vr = elem.VR or dictionary_vr(tag)
+        if (vr, len(elem.value)) in (("US", 2), ("UL", 4)):
+            return int.from_bytes(elem.value, "little")
+    value = peek(ds, keyword)
+    return None if value is None else int(value)
+
+
 def classify(ds: Dataset, path: Path) -> FileRecord:
     """Describe a dataset (a header read is enough) as a :class:`FileRecord`."""
     sop_class = peek_str(ds, "SOPClassUID")

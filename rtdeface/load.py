@@ -34,6 +34,7 @@ from rtdeface.discover import (
     peek,
     peek_floats,
     peek_str,
+    peek_uint,
     read_dicom,
 )
 from rtdeface.errors import DicomReferenceError, GeometryError, InputError
@@ -349,7 +350,9 @@ def check_pixel_module(ds: Dataset, path: Path, frames: int = 1) -> tuple[int, i
         or uncompressed pixel data shorter than Rows x Columns x frames x BitsAllocated.
     """
     try:
-        rows, cols, bits = (int(peek(ds, k)) for k in ("Rows", "Columns", "BitsAllocated"))
+        rows, cols, bits = (peek_uint(ds, k) for k in ("Rows", "Columns", "BitsAllocated"))
+        if rows is None or cols is None or bits is None:
+            raise TypeError("missing")
     except (AttributeError, TypeError, ValueError):
         raise InputError(
             f"{path}: Rows, Columns or BitsAllocated missing or invalid; the file is not a "
@@ -399,7 +402,12 @@ def load_ct(datasets: Sequence[Dataset], paths: Sequence[Path]) -> CtSeries:
             raise GeometryError(f"{path}: matrix {ds.Rows}x{ds.Columns} differs in {what}")
         if not np.allclose(_floats(ds, "PixelSpacing", 2, f"{path}"), ps0, atol=1e-4):
             raise GeometryError(f"{path}: PixelSpacing differs within {what}")
-        tilt = float(peek(ds, "GantryDetectorTilt", 0) or 0)
+        fast_tilt = peek_floats(ds, "GantryDetectorTilt")
+        tilt = (
+            fast_tilt[0]
+            if fast_tilt is not None and len(fast_tilt) == 1
+            else float(peek(ds, "GantryDetectorTilt", 0) or 0)
+        )
         if abs(tilt) > 1e-3:
             raise GeometryError(
                 f"{path}: GantryDetectorTilt {tilt} deg; tilted-gantry CT is not supported, "

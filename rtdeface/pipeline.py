@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rtdeface.ct import CtResult, deface_ct
+from rtdeface.deid import SequenceScan, scan_raw_sequence
 from rtdeface.dose import DoseResult, deface_dose
 from rtdeface.errors import LandmarkError, UsageError
 from rtdeface.eyefinder import find_eyes_in_image
@@ -159,10 +160,18 @@ class StructuresJob:
     in a forked child beside the CT, dose and de-identification work when possible (see
     :class:`rtdeface.forking.Deferred`); :meth:`result` joins it once and keeps the result."""
 
-    def __init__(self, structure_set: StructureSet, call: Deferred[StructuresClip]) -> None:
+    def __init__(
+        self,
+        structure_set: StructureSet,
+        call: Deferred[tuple[StructuresClip, SequenceScan | None]],
+    ) -> None:
         self._structure_set = structure_set
         self._call = call
         self._result: StructuresResult | None = None
+        self.scanned: tuple[bytes, bool, bool, SequenceScan] | None = None
+        """``(value, implicit, little, scan)``: the defaced structure set's ROIContourSequence
+        value, its encoding and its scan (:func:`rtdeface.deid.scan_raw_sequence`), made
+        beside the clipping (None until :meth:`result`, or without a ROIContourSequence)."""
 
     @property
     def forked(self) -> bool:
@@ -180,7 +189,7 @@ class StructuresJob:
     ) -> StructuresJob:
         """Start clipping ``structure_set`` against ``region``."""
         call = Deferred.start(
-            clip_structures, structure_set, region, thickness_mm, parallel=parallel
+            _clip_and_scan, structure_set, region, thickness_mm, parallel=parallel
         )
         return cls(structure_set, call)
 
@@ -190,7 +199,11 @@ class StructuresJob:
         if self._result is None:
             forked = self._call.forked
             t = time.perf_counter()
-            clip = self._call.result()
+            clip, scan = self._call.result()
+            raw = self._structure_set.raw_contours
+            if scan is not None and raw is not None:
+                value = raw.value if clip.roi_contours is None else clip.roi_contours
+                self.scanned = (value, raw.codec.implicit, raw.codec.little, scan)
             if timings is not None:
                 timings["structures"] = clip.seconds
                 if forked:
@@ -201,6 +214,19 @@ class StructuresJob:
     def cancel(self) -> None:
         """Stop a running child."""
         self._call.cancel()
+
+
+def _clip_and_scan(
+    structure_set: StructureSet, region: DefacingRegion, thickness_mm: float
+) -> tuple[StructuresClip, SequenceScan | None]:
+    """The clipping, and the scan of the ROIContourSequence value it leaves, which
+    de-identification and UID remapping need (so the process writing the case need not)."""
+    clip = clip_structures(structure_set, region, thickness_mm)
+    raw = structure_set.raw_contours
+    if raw is None:
+        return clip, None
+    value = raw.value if clip.roi_contours is None else clip.roi_contours
+    return clip, scan_raw_sequence(value, raw.codec.implicit, raw.codec.little)
 
 
 HuProvider = Callable[[], npt.NDArray[np.float32]]

@@ -325,21 +325,25 @@ class DefacingRegion:
         limits = self.y_limit(z)
         cut = np.zeros(grid.shape, dtype=bool)
         kept = 0
+        near = np.empty(x.shape, dtype=bool)  # scratch planes, reused for every slice
+        side = np.empty(x.shape, dtype=bool)
         for k in np.flatnonzero(np.isfinite(limits)):
-            plane = y < limits[k]
+            plane = cut[k]
+            np.less(y, limits[k], out=plane)
             if not plane.any():
                 continue
-            cand = np.flatnonzero(plane)
-            cx, cy = x.ravel()[cand], y.ravel()[cand]
             p = self.preserved_at(float(z[k]))
-            if p is not None:
+            if p is not None:  # only centres in P's bounding box are tested against P
                 xmin, ymin, xmax, ymax = p.bounds
-                near = (cx >= xmin) & (cx <= xmax) & (cy >= ymin) & (cy <= ymax)
-                sel = cand[near]
-                hit = shapely.intersects_xy(p, cx[near], cy[near])
+                np.greater_equal(x, xmin, out=near)
+                near &= plane
+                near &= np.less_equal(x, xmax, out=side)
+                near &= np.greater_equal(y, ymin, out=side)
+                near &= np.less_equal(y, ymax, out=side)
+                sel = np.flatnonzero(near)
+                hit = shapely.intersects_xy(p, x.ravel()[sel], y.ravel()[sel])
                 plane.ravel()[sel[hit]] = False
                 kept += int(np.count_nonzero(hit))
-            cut[k] = plane
         return cut, kept
 
 

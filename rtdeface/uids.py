@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
@@ -111,6 +111,13 @@ def dictionary_vr(tag: int) -> str:
         return str(dictionary_VR(tag))
     except KeyError:
         return "UN"
+
+
+@functools.lru_cache(maxsize=8192)
+def tag_keyword(tag: int) -> str:
+    """The data dictionary's keyword of ``tag`` (``""`` when unknown), cached (pass an int:
+    pydicom's tag type compares in Python)."""
+    return keyword_for_tag(tag)
 
 
 RAW_UID_PATTERN = re.compile(rb"(?<![0-9.])[0-9]+(?:\.[0-9]+){2,}(?![0-9.])")

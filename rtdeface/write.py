@@ -23,7 +23,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +44,15 @@ from rtdeface.deid import (
     DeidRecord,
     DeidSession,
     SequenceScans,
+    SessionJob,
     encode_raw,
     raw_form,
 )
-from rtdeface.discover import peek
+from rtdeface.discover import peek, peek_str
 from rtdeface.errors import OutputError
 from rtdeface.forking import NO_ANSWER, Child
 from rtdeface.load import copy_dataset
-from rtdeface.pipeline import DefacedCase
+from rtdeface.pipeline import DefacedCase, StructuresJob
 from rtdeface.uids import SameLengthTable, UidMapper, remap_uids_raw
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,13 @@ def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
     data = np.ascontiguousarray(arr.astype(dtype, copy=False))
     ts = ds.file_meta.TransferSyntaxUID
     if not ts.is_compressed:
-        ds.PixelData = data.tobytes()
+        value = data.tobytes()
+        old = ds.get_item(0x7FE00010)
+        if isinstance(old, RawDataElement) and isinstance(old.value, bytes):
+            # still raw, as read: the writer then passes the new bytes to the file as they are
+            ds[0x7FE00010] = old._replace(value=value, length=len(value))
+        else:
+            ds.PixelData = value
         return
     if ts == RLELossless:
         ds.compress(RLELossless, data, generate_instance_uid=False)
@@ -164,7 +171,11 @@ def derived_image_type(value: object) -> list[str]:
 
 
 def build_outputs(
-    defaced: DefacedCase, deid: DeidOptions | None = None
+    defaced: DefacedCase,
+    deid: DeidOptions | None = None,
+    *,
+    context: SessionJob | None = None,
+    ct_ready: Callable[[Sequence[OutputObject]], None] | None = None,
 ) -> tuple[list[OutputObject], DeidRecord | None]:
     """Output datasets (copies; the loaded case is untouched) with UIDs remapped.
 
@@ -178,6 +189,13 @@ def build_outputs(
         while the structure set may still be clipped (:class:`rtdeface.pipeline.StructuresJob`).
         Without it only the UIDs of the changed objects are remapped, with a key derived from
         the cut.
+    context : SessionJob, optional
+        The de-identification context of ``deid``, started from the case's input objects
+        (e.g. in a child process while the case was loaded and defaced); used when it was
+        started from exactly those objects, else the context is built here.
+    ct_ready : callable, optional
+        Called with the CT objects as soon as they are final, before the structure set is
+        waited for (e.g. :meth:`CaseWriter.write` in the background).
 
     Returns
     -------
@@ -193,12 +211,17 @@ def build_outputs(
         if case.structure_set is not None:
             originals.append(case.structure_set.dataset)
         originals += [d.dataset for d in case.doses] + [plan for _, plan in case.plans]
-        session = DeidSession(originals, deid, ct_defaced=True)
-        mapper = table = splice = None
+        session = (
+            context.session(originals)
+            if context is not None
+            else DeidSession(originals, deid, ct_defaced=True)
+        )
+        mapper = table = splice = scans = None
     else:
         mapper = UidMapper(uid_key(defaced))
         table = SameLengthTable.build(mapper, changed_uids(defaced))
-        splice = SequenceScans().splicer(table)
+        scans = SequenceScans()
+        splice = scans.splicer(table)
 
     def finish(objects: Sequence[OutputObject]) -> None:
         if session is not None:
@@ -219,8 +242,16 @@ def build_outputs(
     # the CT first, while the structure set may still be clipped in a child process
     # (deface_case(..., defer=True)): reading defaced.structures waits for it
     finish(outputs)
+    if ct_ready is not None:
+        ct_ready(outputs)
     rest: list[OutputObject] = []
     if defaced.structures is not None:  # a copy: building outputs twice gives the same result
+        job = defaced.structures_work
+        if isinstance(job, StructuresJob) and job.scanned is not None:  # scanned by the job
+            if session is not None:
+                session.add_scan(*job.scanned)
+            elif scans is not None:
+                scans.add(*job.scanned)
         structures = copy_dataset(defaced.structures.dataset)
         rest.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", structures))
     for n, (dose, result) in enumerate(zip(case.doses, defaced.doses), start=1):
@@ -271,7 +302,7 @@ def write_atomic(
     :data:`PARALLEL_WRITE_MIN_OBJECTS` objects), a forked child process encodes and writes
     half of the CT slices while this process writes the rest: pydicom's encoder holds the GIL,
     so threads would not help. The result is byte-identical; any failure of either process
-    leaves nothing behind.
+    leaves nothing behind. :class:`CaseWriter` does the same in steps.
 
     Raises
     ------
@@ -279,33 +310,86 @@ def write_atomic(
         ``out_dir`` exists and is not an empty directory, or it lies inside an input, or the
         writing child process failed.
     """
-    out_dir = check_output_free(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".rtdeface-partial-", dir=out_dir.parent))
-    try:
-        for folder in sorted({(tmp / o.relpath).parent for o in outputs}):
-            folder.mkdir(parents=True, exist_ok=True)
+    with CaseWriter(out_dir) as writer:
         mine, theirs = _split(outputs) if parallel else (list(outputs), [])
-        child = Child.start(_writer_child, theirs, tmp) if theirs else None
-        if theirs and child is None:
-            mine = list(outputs)
+        writer.write(theirs, background=True)
+        writer.write(mine)
+        return writer.commit(extra_files)
+
+
+class CaseWriter:
+    """One case written atomically, in steps: objects go into a temporary sibling of
+    ``out_dir`` as they become ready (some by forked writer processes), :meth:`commit` renames
+    it into place. :meth:`abort`, or leaving a ``with`` block by an exception, removes it.
+
+    Raises
+    ------
+    OutputError
+        ``out_dir`` exists and is not an empty directory (checked here, before any writing).
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = check_output_free(out_dir)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp: Path | None = Path(
+            tempfile.mkdtemp(prefix=".rtdeface-partial-", dir=self.out_dir.parent)
+        )
+        self._children: list[Child] = []
+
+    def __enter__(self) -> CaseWriter:
+        return self
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        if kind is not None:
+            self.abort()
+
+    def _folder(self) -> Path:
+        if self._tmp is None:
+            raise OutputError(f"{self.out_dir}: the case was already committed or aborted")
+        return self._tmp
+
+    def write(self, objects: Sequence[OutputObject], *, background: bool = False) -> None:
+        """Write ``objects`` now, or with ``background`` in a forked child process where
+        possible (its failure is raised by :meth:`commit`)."""
+        tmp = self._folder()
+        if not objects:
+            return
         try:
-            _write_objects(mine, tmp)
+            for folder in sorted({(tmp / o.relpath).parent for o in objects}):
+                folder.mkdir(parents=True, exist_ok=True)
+            child = Child.start(_writer_child, list(objects), tmp) if background else None
+            if child is None:
+                _write_objects(objects, tmp)
+            else:
+                self._children.append(child)
         except BaseException:
-            if child is not None:
-                child.stop()
+            self.abort()
             raise
-        if child is not None:
-            _join_writer(child)
-        for name, data in extra_files.items():
-            (tmp / name).write_bytes(data)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    def commit(self, extra_files: Mapping[str, bytes] = {}) -> Path:
+        """Wait for the writer processes, add ``extra_files`` and rename the case into place."""
+        tmp = self._folder()
+        try:
+            while self._children:
+                _join_writer(self._children.pop(0))
+            for name, data in extra_files.items():
+                (tmp / name).write_bytes(data)
+            if self.out_dir.exists():
+                self.out_dir.rmdir()
+            os.replace(tmp, self.out_dir)
+        except BaseException:
+            self.abort()
+            raise
+        self._tmp = None
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Stop the writer processes and remove everything written (idempotent)."""
+        while self._children:
+            self._children.pop().stop()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
 
 def _write_objects(outputs: Sequence[OutputObject], folder: Path) -> None:
@@ -348,16 +432,16 @@ def write_dicom(path: Path, ds: Dataset) -> None:
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         return
     file_meta = FileMetaDataset(copy_dataset(meta))
-    ds_class = peek(ds, "SOPClassUID")
+    ds_class = peek_str(ds, "SOPClassUID")
     if file_meta.get("MediaStorageSOPClassUID") is None or (
         ds_class and ds_class != file_meta.get("MediaStorageSOPClassUID")
     ):
-        file_meta.MediaStorageSOPClassUID = ds_class
-    ds_instance = peek(ds, "SOPInstanceUID")
+        file_meta.MediaStorageSOPClassUID = pydicom.uid.UID(ds_class)
+    ds_instance = peek_str(ds, "SOPInstanceUID")
     if file_meta.get("MediaStorageSOPInstanceUID") is None or (
         ds_instance and ds_instance != file_meta.get("MediaStorageSOPInstanceUID")
     ):
-        file_meta.MediaStorageSOPInstanceUID = ds_instance
+        file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(ds_instance)
     validate_file_meta(file_meta, enforce_standard=True)
     meta_buf = DicomBytesIO()
     meta_buf.is_implicit_VR, meta_buf.is_little_endian = False, True
@@ -371,9 +455,19 @@ def write_dicom(path: Path, ds: Dataset) -> None:
     buf.write(struct.pack("<I", len(group)))
     buf.write(group)
     encodings = ds.get("SpecificCharacterSet", default_encoding)
-    _encode_elements(buf, ds, bool(original_implicit), bool(ts.is_compressed), encodings)
+    parts: list[bytes] = []
+    _encode_elements(
+        buf, ds, bool(original_implicit), bool(ts.is_compressed), encodings, parts=parts
+    )
+    parts.append(buf.getvalue())
     with open(path, "wb") as fh:
-        fh.write(buf.getvalue())
+        for part in parts:  # large values go to the file as they are, without a copy
+            fh.write(part)
+
+
+LARGE_VALUE_BYTES = 65536
+"""Raw values at least this long (pixel data, big contour sequences) are written to the file
+from their own bytes rather than copied into the element buffer first."""
 
 
 _PACK_SHORT_HEADER = struct.Struct("<HH2sH").pack
@@ -388,8 +482,13 @@ def _encode_elements(
     compressed: bool,
     encodings: Any,
     skip: frozenset[int] | set[int] = frozenset(),
+    parts: list[bytes] | None = None,
 ) -> None:
-    """Write the elements of ``ds`` in tag order (raw ones verbatim, as pydicom would)."""
+    """Write the elements of ``ds`` in tag order (raw ones verbatim, as pydicom would).
+
+    With ``parts``, a raw value of :data:`LARGE_VALUE_BYTES` or more is not copied into
+    ``buf``: what ``buf`` holds so far, then the value itself, are appended to ``parts`` and
+    ``buf`` is emptied (the output is ``parts`` followed by ``buf``'s content)."""
     for tag in sorted(ds.keys()):
         if (tag.element == 0 and tag.group > 6) or tag in skip:
             continue  # retired group length (PS3.5 7.2), or written by the caller
@@ -425,7 +524,13 @@ def _encode_elements(
                 buf.write(struct.pack("<I", length))
             else:
                 buf.write(_PACK_SHORT_HEADER(group, element, vr.encode("ascii"), length))
-        buf.write(value)
+        if parts is not None and len(value) >= LARGE_VALUE_BYTES:
+            parts.append(buf.getvalue())
+            parts.append(value)
+            buf.parent.seek(0)
+            buf.parent.truncate()
+        else:
+            buf.write(value)
         if undefined:
             buf.write(_SEQUENCE_DELIMITER)
 
