@@ -7,6 +7,7 @@ other slice's pixel data) stays bit-identical.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,17 +59,29 @@ class CtResult:
     air_stored_value: int | None
 
 
-def deface_ct(ct: CtSeries, cut: npt.NDArray[np.bool_]) -> CtResult:
-    """Set every voxel of ``ct`` whose centre is in ``cut`` (shape ct.grid.shape) to air."""
+def deface_ct(
+    ct: CtSeries, cut: npt.NDArray[np.bool_], slices: Iterable[int] | None = None
+) -> CtResult:
+    """Set every voxel of ``ct`` whose centre is in ``cut`` (shape ct.grid.shape) to air.
+
+    ``slices``: the only slices ``cut`` can mark (e.g.
+    :meth:`rtdeface.region.DefacingRegion.slices_in_region`); the others are not read, so the
+    untouched pages of a large zeroed mask stay unmapped [default: every slice].
+    """
     out: dict[int, npt.NDArray[np.integer]] = {}
     changed = 0
+    in_cut = 0
     air_first: int | None = None
-    for k in (int(v) for v in np.flatnonzero(cut.any(axis=(1, 2)))):
+    for k in range(len(cut)) if slices is None else (int(v) for v in slices):
+        mask = cut[k]
+        n_cut = int(np.count_nonzero(mask))
+        if n_cut == 0:
+            continue
+        in_cut += n_cut
         ds = ct.datasets[k]
         air = stored_value_for_hu(ds, AIR_HU)
         air_first = air if air_first is None else air_first
         stored = ct.stored_slice(k)
-        mask = cut[k]
         n = int(np.count_nonzero(stored[mask] != air))
         if n == 0:
             continue
@@ -76,4 +89,4 @@ def deface_ct(ct: CtSeries, cut: npt.NDArray[np.bool_]) -> CtResult:
         new[mask] = air
         out[k] = new
         changed += n
-    return CtResult(out, int(np.count_nonzero(cut)), changed, air_first)
+    return CtResult(out, in_cut, changed, air_first)

@@ -452,7 +452,7 @@ def deface_case(
                 case.structure_set, region, thickness, parallel=parallel
             )
         cut, kept = region.sample(case.ct.grid)
-        ct = deface_ct(case.ct, cut)
+        ct = deface_ct(case.ct, cut, region.slices_in_region(case.ct.grid))
         timings["ct"] = time.perf_counter() - t
         t = time.perf_counter()
         doses = tuple(deface_dose(d, region) for d in case.doses)

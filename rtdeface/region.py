@@ -310,6 +310,11 @@ class DefacingRegion:
                 inside[n] = False
         return np.asarray(inside, dtype=bool)
 
+    def slices_in_region(self, grid: Grid) -> npt.NDArray[np.intp]:
+        """Indices of the slices of ``grid`` that R meets (the only ones :meth:`sample` can
+        mark), ascending."""
+        return np.flatnonzero(np.isfinite(self.y_limit(grid.slice_z_mm())))
+
     def sample(self, grid: Grid) -> tuple[BoolArray, int]:
         """Sample C at the voxel centres of ``grid``.
 
@@ -327,7 +332,7 @@ class DefacingRegion:
         kept = 0
         near = np.empty(x.shape, dtype=bool)  # scratch planes, reused for every slice
         side = np.empty(x.shape, dtype=bool)
-        for k in np.flatnonzero(np.isfinite(limits)):
+        for k in self.slices_in_region(grid):
             plane = cut[k]
             np.less(y, limits[k], out=plane)
             if not plane.any():

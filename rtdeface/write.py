@@ -244,6 +244,19 @@ def build_outputs(
     finish(outputs)
     if ct_ready is not None:
         ct_ready(outputs)
+    # then the doses and plans, which need nothing from the structure set either
+    others: list[OutputObject] = []
+    for n, (dose, result) in enumerate(zip(case.doses, defaced.doses), start=1):
+        ds = copy_dataset(dose.dataset)
+        if result.stored is not None:
+            _set_pixels(ds, result.stored)
+        if "DVHSequence" in ds:
+            del ds.DVHSequence
+            log.info("RTDOSE %d: stale DVHSequence dropped", n)
+        others.append(OutputObject(f"RTDOSE_{n}.dcm", "RTDOSE", ds))
+    for n, (_, plan) in enumerate(case.plans, start=1):
+        others.append(OutputObject(f"RTPLAN_{n}.dcm", "RTPLAN", copy_dataset(plan)))
+    finish(others)
     rest: list[OutputObject] = []
     if defaced.structures is not None:  # a copy: building outputs twice gives the same result
         job = defaced.structures_work
@@ -254,17 +267,8 @@ def build_outputs(
                 scans.add(*job.scanned)
         structures = copy_dataset(defaced.structures.dataset)
         rest.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", structures))
-    for n, (dose, result) in enumerate(zip(case.doses, defaced.doses), start=1):
-        ds = copy_dataset(dose.dataset)
-        if result.stored is not None:
-            _set_pixels(ds, result.stored)
-        if "DVHSequence" in ds:
-            del ds.DVHSequence
-            log.info("RTDOSE %d: stale DVHSequence dropped", n)
-        rest.append(OutputObject(f"RTDOSE_{n}.dcm", "RTDOSE", ds))
-    for n, (_, plan) in enumerate(case.plans, start=1):
-        rest.append(OutputObject(f"RTPLAN_{n}.dcm", "RTPLAN", copy_dataset(plan)))
-    finish(rest)
+        finish(rest)
+    rest += others
     return outputs + rest, session.record() if session is not None else None
 
 

@@ -10,29 +10,36 @@ from __future__ import annotations
 import copy
 import gc
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from scipy import ndimage as ndi
 
-from rtdeface import forking, pipeline
+from rtdeface import forking, pipeline, write
+from rtdeface.cli import main
+from rtdeface.ct import deface_ct
 from rtdeface.deid import (
     DeidOptions,
     DeidSession,
     SequenceScans,
+    SessionJob,
     deidentify_datasets,
     scan_raw_sequence,
 )
-from rtdeface.discover import peek, peek_floats, peek_str
-from rtdeface.errors import InputError
+from rtdeface.discover import peek, peek_floats, peek_str, peek_uint
+from rtdeface.errors import InputError, OutputError
 from rtdeface.eyefinder import median_filter
 from rtdeface.load import load_case
 from rtdeface.phantom import write_phantom_case as write_case
 from rtdeface.pipeline import DefaceOptions, StructuresJob, deface_case
+from rtdeface.uids import tag_keyword
 from rtdeface.write import build_outputs, write_atomic
 from tests.test_deid import KEY, make_case
 
@@ -315,3 +322,237 @@ def test_hu_slab_equals_the_slices(tmp_path: Path) -> None:
     slab = case.ct.hu_slab(2, 9)
     assert slab.dtype == np.float32 and slab.shape == (7, *case.ct.grid.shape[1:])
     np.testing.assert_array_equal(slab, np.stack([case.ct.hu_slice(k) for k in range(2, 9)]))
+
+
+# ------------------------------------------------------------------------------ session job
+
+
+def _phantom_objects(case_dir: Path) -> list[Dataset]:
+    """The input objects of a loaded phantom case, in build_outputs' order."""
+    case = load_case(case_dir)
+    assert case.structure_set is not None
+    return [
+        *case.ct.datasets,
+        case.structure_set.dataset,
+        *(d.dataset for d in case.doses),
+        *(plan for _, plan in case.plans),
+    ]
+
+
+def _written(tmp_path: Path, name: str, datasets: list[Dataset]) -> list[bytes]:
+    out = []
+    for n, ds in enumerate(datasets):
+        path = tmp_path / f"{name}{n}.dcm"
+        write.write_dicom(path, ds)
+        out.append(path.read_bytes())
+    return out
+
+
+def test_a_session_built_in_a_child_equals_one_built_here(tmp_path: Path, forks: None) -> None:
+    write_case(tmp_path / "case", "hfs")
+    objects = _phantom_objects(tmp_path / "case")
+    job = SessionJob(objects, DeidOptions(key=KEY), ct_defaced=True)
+    assert job.forked
+    forked = job.session(objects)
+    assert not job.forked and multiprocessing.active_children() == []
+    here = DeidSession(objects, DeidOptions(key=KEY), ct_defaced=True)
+    a, b = copy.deepcopy(objects), copy.deepcopy(objects)
+    forked.process(a)
+    here.process(b)
+    assert forked.record() == here.record()
+    assert forked.record().n_objects == len(objects) and here.record().identity_tokens
+    assert _written(tmp_path, "a", a) == _written(tmp_path, "b", b)
+
+
+def test_a_session_job_asked_for_other_objects_builds_their_session_here(
+    forks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = make_case()
+    job = SessionJob(objects, DeidOptions(key=KEY), ct_defaced=True)
+    others = copy.deepcopy(objects)  # equal values, other objects: not what the child saw
+    others[0].PatientName = "Zyxwvu^Qwerty"
+    session = job.session(others)
+    assert multiprocessing.active_children() == []  # the child was stopped
+    assert "zyxwvu" in session.record().identity_tokens
+    assert (
+        "other"
+        not in DeidSession(objects, DeidOptions(key=KEY), ct_defaced=True).record().identity_tokens
+    )
+
+
+def test_a_session_jobs_error_is_raised_when_the_session_is_asked_for(forks: None) -> None:
+    objects = make_case()
+    objects[1].PatientID = "SOMEONE-ELSE"
+    job = SessionJob(objects, DeidOptions(key=KEY), ct_defaced=True)
+    with pytest.raises(InputError, match="different PatientIDs"):
+        job.session(objects)
+    cancelled = SessionJob(objects, DeidOptions(key=KEY), ct_defaced=True)
+    cancelled.cancel()
+    assert not cancelled.forked and multiprocessing.active_children() == []
+
+
+def test_the_cli_uses_the_context_built_beside_the_load(
+    tmp_path: Path, forks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single-case run builds the de-identification context in a child (not here) and
+    writes the same bytes as a run in one process."""
+    write_case(tmp_path / "case", "hfs")
+    monkeypatch.setenv("RTDEFACE_KEY", "parallel-test-key-0123456789")
+    args = ["-q", "deface", str(tmp_path / "case"), "--no-eye-check"]
+    built_here: list[int] = []
+    original_init = DeidSession.__init__
+
+    def counting_init(self: DeidSession, *a: object, **k: object) -> None:
+        built_here.append(os.getpid())
+        original_init(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DeidSession, "__init__", counting_init)
+    assert main([*args, "-o", str(tmp_path / "forked")]) == 0
+    assert os.getpid() not in built_here  # built in the child only
+    monkeypatch.setattr(forking, "can_fork", lambda: False)
+    assert main([*args, "-o", str(tmp_path / "serial")]) == 0
+    assert built_here == [os.getpid()]
+    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*.dcm"))
+    assert len(files) == len(list((tmp_path / "case").rglob("*.dcm")))
+    for name in files:
+        assert (tmp_path / "serial" / name).read_bytes() == (
+            tmp_path / "forked" / name
+        ).read_bytes(), name
+    assert multiprocessing.active_children() == []
+
+
+# ------------------------------------------------------------------------------ case writer
+
+
+def _outputs(case_dir: Path) -> list[write.OutputObject]:
+    outputs, _ = build_outputs(deface_case(load_case(case_dir), DefaceOptions(eye_check=False)))
+    return outputs
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_case_written_in_steps_equals_one_written_at_once(tmp_path: Path, forks: None) -> None:
+    write_case(tmp_path / "case", "hfs")
+    outputs = _outputs(tmp_path / "case")
+    write_atomic(outputs, tmp_path / "once")
+    ct = [o for o in outputs if o.role == "CT"]
+    with write.CaseWriter(tmp_path / "steps") as writer:
+        writer.write(ct, background=True)
+        assert len(multiprocessing.active_children()) == 1
+        writer.write([o for o in outputs if o.role != "CT"])
+        assert not (tmp_path / "steps").exists()  # nothing in place before the commit
+        assert writer.commit({"extra.json": b"{}"}) == (tmp_path / "steps").absolute()
+    once, steps = _tree(tmp_path / "once"), _tree(tmp_path / "steps")
+    assert steps.pop("extra.json") == b"{}"
+    assert steps == once and len(once) == len(outputs)
+    assert multiprocessing.active_children() == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".rtdeface-partial")] == []
+    with pytest.raises(OutputError, match="already committed"):
+        writer.write(ct)
+
+
+def test_a_failing_step_leaves_nothing(tmp_path: Path, forks: None) -> None:
+    write_case(tmp_path / "case", "hfs")
+    outputs = _outputs(tmp_path / "case")
+    with pytest.raises(RuntimeError, match="report failed"):
+        with write.CaseWriter(tmp_path / "out") as writer:
+            writer.write(outputs, background=True)
+            raise RuntimeError("report failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+    assert multiprocessing.active_children() == []
+
+
+def test_a_failing_background_writer_fails_the_commit(
+    tmp_path: Path, forks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_case(tmp_path / "case", "hfs")
+    outputs = _outputs(tmp_path / "case")
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write, "write_dicom", full_disk)  # the forked child inherits it
+    writer = write.CaseWriter(tmp_path / "out")
+    writer.write([o for o in outputs if o.role == "CT"], background=True)
+    with pytest.raises(OutputError, match="No space left on device"):
+        writer.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case"]
+    assert multiprocessing.active_children() == []
+
+
+def test_large_values_are_written_as_pydicom_writes_them(tmp_path: Path) -> None:
+    """Values of LARGE_VALUE_BYTES or more go to the file from their own bytes."""
+    write_case(tmp_path / "case", "hfs")
+    src = load_case(tmp_path / "case").ct.paths[0]
+    ds = pydicom.dcmread(src)
+    big = np.arange(300 * 300, dtype=np.uint16).reshape(300, 300) % 4096
+    ds.Rows, ds.Columns = 300, 300
+    raw = pydicom.dcmread(src)
+    raw.Rows, raw.Columns = 300, 300
+    raw[0x7FE00010] = raw.get_item(0x7FE00010)._replace(
+        value=big.tobytes(), length=big.nbytes
+    )  # still raw: the fast path
+    assert big.nbytes >= write.LARGE_VALUE_BYTES
+    ds.PixelData = big.tobytes()
+    pydicom.dcmwrite(tmp_path / "ref.dcm", ds, enforce_file_format=True)
+    write.write_dicom(tmp_path / "fast.dcm", raw)
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "ref.dcm").read_bytes()
+    assert np.array_equal(pydicom.dcmread(tmp_path / "fast.dcm").pixel_array, big)
+
+
+# ------------------------------------------------------------------------------ scans, reads
+
+
+def test_the_structures_job_scans_the_sequence_it_writes(tmp_path: Path, forks: None) -> None:
+    write_case(tmp_path / "case", "hfs")
+    case = load_case(tmp_path / "case")
+    pending = deface_case(case, DefaceOptions(eye_check=False), defer=True, parallel=True)
+    job = pending.structures_work
+    assert isinstance(job, StructuresJob) and job.forked and job.scanned is None
+    assert pending.structures is not None and job.scanned is not None
+    value, implicit, little, scan = job.scanned
+    elem = pending.structures.dataset.get_item("ROIContourSequence")
+    assert value == elem.value and (implicit, little) == (
+        elem.is_implicit_VR,
+        elem.is_little_endian,
+    )
+    assert scan == scan_raw_sequence(elem.value, elem.is_implicit_VR, elem.is_little_endian)
+    assert scan.inert and len(scan.uids) > 10
+
+
+def test_peek_uint_and_cached_keywords_equal_pydicoms(tmp_path: Path) -> None:
+    write_case(tmp_path / "case", "unsigned")
+    path = load_case(tmp_path / "case").ct.paths[2]
+    ds, ref = pydicom.dcmread(path), pydicom.dcmread(path)
+    for keyword in ("Rows", "Columns", "BitsAllocated", "PixelRepresentation"):
+        assert peek_uint(ds, keyword) == int(ref.get(keyword))
+        assert isinstance(ds.get_item(keyword), RawDataElement)  # still raw
+    assert peek_uint(ds, "NumberOfFrames") is None  # absent
+    parsed = copy.deepcopy(ref)
+    parsed.Rows = 77  # a parsed element goes through pydicom
+    assert peek_uint(parsed, "Rows") == 77
+    for tag in (0x00100010, 0x00080018, 0x30060050, 0x00091001, 0x7FE00010):
+        assert tag_keyword(tag) == keyword_for_tag(tag)
+
+
+def test_sampling_marks_only_the_slices_in_the_region(tmp_path: Path) -> None:
+    write_case(tmp_path / "case", "hfs")
+    case = load_case(tmp_path / "case")
+    defaced = deface_case(case, DefaceOptions(eye_check=False))
+    cut, _ = defaced.region.sample(case.ct.grid)
+    slices = defaced.region.slices_in_region(case.ct.grid)
+    marked = np.flatnonzero(cut.any(axis=(1, 2)))
+    assert 0 < len(marked) <= len(slices) < case.ct.grid.shape[0]
+    assert set(marked) <= set(slices.tolist())
+    z = case.ct.grid.slice_z_mm()
+    assert np.all(z[slices] >= defaced.region.z_inferior_mm - 1e-6)
+    every = deface_ct(case.ct, cut)
+    some = deface_ct(case.ct, cut, slices)
+    assert (every.voxels_in_cut, every.voxels_changed) == (some.voxels_in_cut, some.voxels_changed)
+    assert every.voxels_in_cut == int(np.count_nonzero(cut))
+    assert every.slices.keys() == some.slices.keys()
+    assert all(np.array_equal(every.slices[k], some.slices[k]) for k in every.slices)
