@@ -17,6 +17,7 @@ from one grid to another.
 
 from __future__ import annotations
 
+import mmap
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -328,7 +329,7 @@ class DefacingRegion:
         z = grid.slice_z_mm()
         x, y = grid.plane_xy_mm()
         limits = self.y_limit(z)
-        cut = np.zeros(grid.shape, dtype=bool)
+        cut = zeroed_mask(grid.shape)
         kept = 0
         near = np.empty(x.shape, dtype=bool)  # scratch planes, reused for every slice
         side = np.empty(x.shape, dtype=bool)
@@ -350,6 +351,20 @@ class DefacingRegion:
                 plane.ravel()[sel[hit]] = False
                 kept += int(np.count_nonzero(hit))
         return cut, kept
+
+
+FRESH_MEMORY_BYTES = 1 << 20
+"""Masks at least this large are backed by fresh anonymous memory (:func:`zeroed_mask`)."""
+
+
+def zeroed_mask(shape: tuple[int, ...]) -> BoolArray:
+    """A writable all-False boolean array; a large one is backed by a fresh anonymous
+    mapping, so its pages cost nothing until written (``np.zeros`` may instead reuse freed
+    heap memory and clear it page by page, which after a fork copies every page)."""
+    size = int(np.prod(shape))
+    if size < FRESH_MEMORY_BYTES:
+        return np.zeros(shape, dtype=bool)
+    return np.frombuffer(mmap.mmap(-1, size), dtype=bool).reshape(shape)
 
 
 def preserved_sections(rois: Sequence[Roi], default_thickness_mm: float) -> tuple[RoiSections, ...]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import struct
@@ -50,7 +51,7 @@ from rtdeface.deid import (
 )
 from rtdeface.discover import peek, peek_str
 from rtdeface.errors import OutputError
-from rtdeface.forking import NO_ANSWER, Child
+from rtdeface.forking import NO_ANSWER, Child, can_fork
 from rtdeface.load import copy_dataset
 from rtdeface.pipeline import DefacedCase, StructuresJob
 from rtdeface.uids import SameLengthTable, UidMapper, remap_uids_raw
@@ -304,9 +305,10 @@ def write_atomic(
 
     With ``parallel`` (and Linux, two or more CPUs, at least
     :data:`PARALLEL_WRITE_MIN_OBJECTS` objects), a forked child process encodes and writes
-    half of the CT slices while this process writes the rest: pydicom's encoder holds the GIL,
-    so threads would not help. The result is byte-identical; any failure of either process
-    leaves nothing behind. :class:`CaseWriter` does the same in steps.
+    the CT slices from the first while this process writes the other objects and then the
+    CT slices from the last, until they meet (pydicom's encoder holds the GIL, so threads
+    would not help). The result is byte-identical; any failure of either process leaves
+    nothing behind. :class:`CaseWriter` does the same in steps.
 
     Raises
     ------
@@ -315,9 +317,12 @@ def write_atomic(
         writing child process failed.
     """
     with CaseWriter(out_dir) as writer:
-        mine, theirs = _split(outputs) if parallel else (list(outputs), [])
-        writer.write(theirs, background=True)
-        writer.write(mine)
+        ct = [o for o in outputs if o.role == "CT"]
+        if not parallel or len(outputs) < PARALLEL_WRITE_MIN_OBJECTS:
+            ct = []
+        writer.write(ct, background=True)
+        taken = {id(o) for o in ct}
+        writer.write([o for o in outputs if id(o) not in taken])
         return writer.commit(extra_files)
 
 
@@ -338,7 +343,7 @@ class CaseWriter:
         self._tmp: Path | None = Path(
             tempfile.mkdtemp(prefix=".rtdeface-partial-", dir=self.out_dir.parent)
         )
-        self._children: list[Child] = []
+        self._batches: list[tuple[Child, list[OutputObject], Any]] = []
 
     def __enter__(self) -> CaseWriter:
         return self
@@ -354,18 +359,23 @@ class CaseWriter:
 
     def write(self, objects: Sequence[OutputObject], *, background: bool = False) -> None:
         """Write ``objects`` now, or with ``background`` in a forked child process where
-        possible (its failure is raised by :meth:`commit`)."""
+        possible: it writes them from the first, and :meth:`commit` writes those it has not
+        reached yet from the last, so the two processes share the work however fast each
+        is (the child's failure is raised by :meth:`commit`)."""
         tmp = self._folder()
         if not objects:
             return
         try:
             for folder in sorted({(tmp / o.relpath).parent for o in objects}):
                 folder.mkdir(parents=True, exist_ok=True)
-            child = Child.start(_writer_child, list(objects), tmp) if background else None
+            child = claims = None
+            if background and can_fork():
+                claims = multiprocessing.get_context("fork").Array("q", [0, len(objects)])
+                child = Child.start(_writer_child, list(objects), tmp, claims)
             if child is None:
                 _write_objects(objects, tmp)
             else:
-                self._children.append(child)
+                self._batches.append((child, list(objects), claims))
         except BaseException:
             self.abort()
             raise
@@ -374,8 +384,12 @@ class CaseWriter:
         """Wait for the writer processes, add ``extra_files`` and rename the case into place."""
         tmp = self._folder()
         try:
-            while self._children:
-                _join_writer(self._children.pop(0))
+            while self._batches:
+                child, objects, claims = self._batches[0]
+                while (k := _claim(claims, first=False)) is not None:
+                    write_dicom(tmp / objects[k].relpath, objects[k].dataset)
+                self._batches.pop(0)
+                _join_writer(child)
             for name, data in extra_files.items():
                 (tmp / name).write_bytes(data)
             if self.out_dir.exists():
@@ -389,8 +403,8 @@ class CaseWriter:
 
     def abort(self) -> None:
         """Stop the writer processes and remove everything written (idempotent)."""
-        while self._children:
-            self._children.pop().stop()
+        while self._batches:
+            self._batches.pop()[0].stop()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -539,19 +553,26 @@ def _encode_elements(
             buf.write(_SEQUENCE_DELIMITER)
 
 
-def _split(outputs: Sequence[OutputObject]) -> tuple[list[OutputObject], list[OutputObject]]:
-    """(this process's objects, the child's): the child takes the second half of the CT."""
-    if len(outputs) < PARALLEL_WRITE_MIN_OBJECTS:
-        return list(outputs), []
-    ct = [o for o in outputs if o.role == "CT"]
-    rest = [o for o in outputs if o.role != "CT"]
-    half = len(ct) // 2
-    return rest + ct[:half], ct[half:]
+def _claim(claims: Any, *, first: bool) -> int | None:
+    """Take the index of the next object to write: the first or the last one not yet taken
+    (``claims`` holds [next first, end] in shared memory); None when all are taken."""
+    with claims.get_lock():
+        lo, hi = claims[0], claims[1]
+        if lo >= hi:
+            return None
+        if first:
+            claims[0] = lo + 1
+            return int(lo)
+        claims[1] = hi - 1
+        return int(hi - 1)
 
 
-def _writer_child(outputs: Sequence[OutputObject], folder: Path, conn: Any) -> None:
+def _writer_child(outputs: Sequence[OutputObject], folder: Path, claims: Any, conn: Any) -> None:
+    """Child of :meth:`CaseWriter.write`: write objects from the first until they are all
+    taken; send "" or the error."""
     try:
-        _write_objects(outputs, folder)
+        while (k := _claim(claims, first=True)) is not None:
+            write_dicom(folder / outputs[k].relpath, outputs[k].dataset)
         conn.send("")
     except BaseException as exc:
         conn.send(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])

@@ -12,6 +12,7 @@ import copy
 import filecmp
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -414,7 +415,7 @@ def test_two_process_writer_writes_the_same_bytes(
 
     monkeypatch.setattr(forking.Child, "start", staticmethod(spy))
     write_atomic(outputs, tmp_path / "parallel", parallel=True)
-    assert len(started) == 1 and started[0] is not None  # a child wrote half of the CT
+    assert len(started) == 1 and started[0] is not None  # a child wrote part of the CT
     names = sorted(
         str(p.relative_to(tmp_path / "serial")) for p in (tmp_path / "serial").rglob("*")
     )
@@ -434,12 +435,12 @@ def test_a_failing_writer_child_leaves_nothing(
     write_case(tmp_path / "case", "hfs")
     case = load_case(tmp_path / "case")
     outputs, _ = build_outputs(deface_case(case, DefaceOptions(eye_check=False)), None)
-    last_ct = [o.relpath for o in outputs if o.role == "CT"][-1]
-    real = write.write_dicom
+    parent, real = os.getpid(), write.write_dicom
 
     def failing(path: Path, ds: Dataset) -> None:
-        if str(path).endswith(last_ct):  # written by the child (second half of the CT)
+        if os.getpid() != parent:  # the child's first slice
             raise OSError(28, "No space left on device")
+        time.sleep(0.02)  # a slow parent: the child surely takes a slice
         real(path, ds)
 
     monkeypatch.setattr(write, "write_dicom", failing)
@@ -482,14 +483,14 @@ def test_a_failing_parent_half_stops_the_writer_child(
     write_case(tmp_path / "case", "hfs")
     case = load_case(tmp_path / "case")
     outputs, _ = build_outputs(deface_case(case, DefaceOptions(eye_check=False)), None)
-    first_ct = next(o.relpath for o in outputs if o.role == "CT")
+    ct = [o for o in outputs if o.role == "CT"]
     real = write.write_dicom
 
     def slow_or_failing(path: Path, ds: Dataset) -> None:
-        if str(path).endswith(first_ct):  # written by this process (first half of the CT)
+        if ds is ct[0].dataset:
+            time.sleep(60)  # the child's first slice: still running when the parent fails
+        if ds is ct[-1].dataset:  # the first slice this process takes (from the last)
             raise OSError(5, "Input/output error")
-        if "CT" in str(path) and ds is outputs[-1].dataset:
-            time.sleep(60)  # the child's last slice: still running when the parent fails
         real(path, ds)
 
     monkeypatch.setattr(forking, "can_fork", lambda: True)

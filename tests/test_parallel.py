@@ -472,8 +472,13 @@ def test_a_failing_background_writer_fails_the_commit(
     write_case(tmp_path / "case", "hfs")
     outputs = _outputs(tmp_path / "case")
 
-    def full_disk(*args: object) -> None:
-        raise OSError(28, "No space left on device")
+    parent, real = os.getpid(), write.write_dicom
+
+    def full_disk(path: Path, ds: Dataset) -> None:
+        if os.getpid() != parent:
+            raise OSError(28, "No space left on device")
+        time.sleep(0.05)  # the child fails first, while this process takes slices too
+        real(path, ds)
 
     monkeypatch.setattr(write, "write_dicom", full_disk)  # the forked child inherits it
     writer = write.CaseWriter(tmp_path / "out")
@@ -556,3 +561,37 @@ def test_sampling_marks_only_the_slices_in_the_region(tmp_path: Path) -> None:
     assert every.voxels_in_cut == int(np.count_nonzero(cut))
     assert every.slices.keys() == some.slices.keys()
     assert all(np.array_equal(every.slices[k], some.slices[k]) for k in every.slices)
+
+
+def test_the_writer_child_and_this_process_share_the_ct_slices(
+    tmp_path: Path, forks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child writes from the first slice, this process from the last, each slice once."""
+    write_case(tmp_path / "case", "hfs")
+    outputs = _outputs(tmp_path / "case")
+    ct = [o for o in outputs if o.role == "CT"]
+    log = tmp_path / "who.txt"
+    real = write.write_dicom
+    parent = os.getpid()
+
+    def logged(path: Path, ds: Dataset) -> None:
+        if os.getpid() != parent:
+            time.sleep(0.01)  # a slow child: this process must take part of the CT
+        real(path, ds)
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()} {path.name}\n")
+
+    monkeypatch.setattr(write, "write_dicom", logged)
+    write_atomic(outputs, tmp_path / "out", parallel=True)
+    lines = [line.split() for line in log.read_text().splitlines()]
+    by = {name: int(pid) for pid, name in lines}
+    assert len(lines) == len(by) == len(outputs)  # each object written once
+    order = [by[Path(o.relpath).name] for o in ct]
+    child_part = [pid for pid in order if pid != parent]
+    assert 0 < len(child_part) < len(ct) and len(set(child_part)) == 1
+    assert order == child_part + [parent] * (len(ct) - len(child_part))  # prefix, suffix
+    assert all(by[Path(o.relpath).name] == parent for o in outputs if o.role != "CT")
+    assert _tree(tmp_path / "out") == {
+        o.relpath: (tmp_path / "out" / o.relpath).read_bytes() for o in outputs
+    }
+    assert multiprocessing.active_children() == []
