@@ -14,7 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from rtdeface.load import CtSeries
+from rtdeface.discover import peek_uint
+from rtdeface.load import CtSeries, rescale_of
 
 AIR_HU = -1000.0
 """Value (HU) written into removed voxels."""
@@ -22,16 +23,16 @@ AIR_HU = -1000.0
 
 def representable_range(ds: Dataset) -> tuple[int, int]:
     """Smallest and largest stored value allowed by PixelRepresentation and BitsStored."""
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
+    stored, allocated = peek_uint(ds, "BitsStored"), peek_uint(ds, "BitsAllocated")
+    bits = stored if stored is not None else allocated if allocated is not None else 16
+    if peek_uint(ds, "PixelRepresentation") == 1:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
 def stored_value_for_hu(ds: Dataset, hu: float) -> int:
     """Stored value that represents ``hu`` through the slice's modality LUT, clipped."""
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = rescale_of(ds)
     lo, hi = representable_range(ds)
     return int(np.clip(np.round((hu - intercept) / slope), lo, hi))
 

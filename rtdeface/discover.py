@@ -153,8 +153,9 @@ def peek_floats(ds: Dataset, keyword: str) -> list[float] | None:
 
 
 def peek_uint(ds: Dataset, keyword: str) -> int | None:
-    """A single US or UL value straight from its little-endian bytes (None when absent);
-    anything else (other VRs, several values, big endian, parsed) is converted by pydicom."""
+    """A single US or UL value straight from its little-endian bytes (None when absent or
+    empty); anything else (other VRs, several values, big endian, parsed) is converted by
+    pydicom."""
     tag = tag_for_keyword(keyword)
     if tag is None or tag not in ds:
         return None

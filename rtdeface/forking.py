@@ -1,7 +1,8 @@
 """Forked helper processes for one case: start, receive one answer, stop.
 
-A single-case run uses the second CPU for work whose result is small (the clipped structure
-set, the image cross-check of the eyes) or nothing (writing half of the CT slices): the child
+A single-case run uses the second CPU for work whose result is small (the de-identification
+context, the clipped structure set, the image cross-check of the eyes) or nothing (writing
+CT slices, shared with the parent through claims in shared memory): the child
 is forked, so it sees the parent's data without pickling, does its part and sends one
 picklable answer through a pipe. pydicom, numpy, shapely and scipy hold the GIL for much of
 this work, so threads would not overlap. :class:`Deferred` wraps a function call this way.

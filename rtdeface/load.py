@@ -60,9 +60,11 @@ def copy_dataset(ds: Dataset) -> Dataset:
     shared, and so are the values of parsed elements (each element object is new, so setting
     ``elem.value`` on the copy leaves ``ds`` as it is; rtdeface never mutates a value in
     place). Much faster than :func:`copy.deepcopy` on CT headers and structure sets. File
-    meta, preamble and original encoding are kept.
+    meta, preamble, original encoding and undefined lengths of sequences and items are kept
+    (so a sequence is written alike whether or not it was parsed before the copy).
     """
     new = Dataset(_copy_elements(ds))
+    new.is_undefined_length_sequence_item = ds.is_undefined_length_sequence_item
     if "file_meta" in ds.__dict__ and ds.file_meta is not None:
         meta = FileMetaDataset()
         meta.update(_copy_elements(ds.file_meta))
@@ -79,8 +81,11 @@ def _copy_elements(ds: Dataset) -> dict[BaseTag, DataElement | RawDataElement]:
         if isinstance(elem, RawDataElement):
             elements[tag] = elem
         elif elem.VR == "SQ":
-            elements[tag] = DataElement(
-                elem.tag, "SQ", DicomSequence([copy_dataset(item) for item in elem.value or []])
+            elements[tag] = DataElement(  # the same lengths (defined or not) as the original
+                elem.tag,
+                "SQ",
+                DicomSequence([copy_dataset(item) for item in elem.value or []]),
+                is_undefined_length=elem.is_undefined_length,
             )
         else:
             elements[tag] = _shallow_copy(elem)
@@ -121,6 +126,15 @@ def _floats(ds: Dataset, keyword: str, n: int, what: str) -> FloatArray:
     return arr
 
 
+def rescale_of(ds: Dataset) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of an image (defaults 1, 0; a zero slope reads as 1),
+    read without converting the stored elements."""
+    slope, intercept = peek_floats(ds, "RescaleSlope"), peek_floats(ds, "RescaleIntercept")
+    if slope is not None and intercept is not None and len(slope) == len(intercept) == 1:
+        return slope[0] or 1.0, intercept[0]
+    return float(peek(ds, "RescaleSlope", 1) or 1), float(peek(ds, "RescaleIntercept", 0) or 0)
+
+
 @dataclass(frozen=True, eq=False)
 class CtSeries:
     """One axial CT series in index order.
@@ -149,29 +163,31 @@ class CtSeries:
         Uncompressed little-endian data whose values need no sign extension are viewed
         straight from the PixelData bytes (read-only); everything else goes through pydicom.
         """
-        ds = self.datasets[k]
-        bits = int(ds.get("BitsAllocated", 0))
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        ds = self.datasets[k]  # header values read without converting the stored elements
+        bits = peek_uint(ds, "BitsAllocated") or 0
+        signed = peek_uint(ds, "PixelRepresentation") == 1
+        samples = peek_uint(ds, "SamplesPerPixel")
+        stored_bits = peek_uint(ds, "BitsStored")
         if (
             not ds.file_meta.TransferSyntaxUID.is_compressed
             and ds.file_meta.TransferSyntaxUID.is_little_endian
             and bits in (8, 16, 32)
-            and int(ds.get("SamplesPerPixel", 1)) == 1
-            and (not signed or int(ds.get("BitsStored", bits)) == bits)
+            and samples in (None, 1)
+            and (not signed or stored_bits in (None, bits))
             and "PixelData" in ds
         ):
             dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-            shape = (int(ds.Rows), int(ds.Columns))
-            buf = ds.PixelData
+            shape = (peek_uint(ds, "Rows") or 0, peek_uint(ds, "Columns") or 0)
+            elem = ds.get_item(0x7FE00010)
+            buf = elem.value if isinstance(elem, RawDataElement) else ds.PixelData
             n = shape[0] * shape[1] * dtype.itemsize
-            if len(buf) >= n:
+            if n and isinstance(buf, bytes) and len(buf) >= n:
                 return np.frombuffer(buf, dtype=dtype, count=shape[0] * shape[1]).reshape(shape)
         return decode_pixels(ds, self.paths[k])
 
     def rescale(self, k: int) -> tuple[float, float]:
         """(RescaleSlope, RescaleIntercept) of slice k (defaults 1, 0)."""
-        ds = self.datasets[k]
-        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        return rescale_of(self.datasets[k])
 
     def hu_slice(self, k: int) -> npt.NDArray[np.float32]:
         """Slice k in Hounsfield units, float32, shape (ni, nj)."""

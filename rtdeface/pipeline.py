@@ -425,7 +425,8 @@ def deface_case(
     it only reports, it never changes the cut) runs in another (:class:`ImageEyeSearch`).
     Both are joined before this returns or, with ``defer``, later: the structures on the
     first read of :attr:`DefacedCase.structures` (e.g. by
-    :func:`rtdeface.write.build_outputs` after the CT objects), the cross-check by
+    :func:`rtdeface.write.build_outputs` after the CT, dose and plan objects), the
+    cross-check by
     :func:`complete_eye_check`, so that they overlap with de-identification and writing too;
     call :meth:`DefacedCase.cancel_pending` if the caller fails before that.
     """

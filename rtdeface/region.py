@@ -364,7 +364,8 @@ def zeroed_mask(shape: tuple[int, ...]) -> BoolArray:
     size = int(np.prod(shape))
     if size < FRESH_MEMORY_BYTES:
         return np.zeros(shape, dtype=bool)
-    return np.frombuffer(mmap.mmap(-1, size), dtype=bool).reshape(shape)
+    # private: after a fork, a write by either process stays its own
+    return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), dtype=bool).reshape(shape)
 
 
 def preserved_sections(rois: Sequence[Roi], default_thickness_mm: float) -> tuple[RoiSections, ...]:

@@ -17,6 +17,7 @@ directory and renamed into place: on any failure nothing is left behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -27,7 +28,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +40,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.uid import RLELossless
 
-from rtdeface import rawseq
+from rtdeface import forking, rawseq
 from rtdeface.deid import (
     DeidOptions,
     DeidRecord,
@@ -49,9 +50,9 @@ from rtdeface.deid import (
     encode_raw,
     raw_form,
 )
-from rtdeface.discover import peek, peek_str
+from rtdeface.discover import peek, peek_str, peek_uint
 from rtdeface.errors import OutputError
-from rtdeface.forking import NO_ANSWER, Child, can_fork
+from rtdeface.forking import NO_ANSWER, Child
 from rtdeface.load import copy_dataset
 from rtdeface.pipeline import DefacedCase, StructuresJob
 from rtdeface.uids import SameLengthTable, UidMapper, remap_uids_raw
@@ -106,13 +107,15 @@ def changed_uids(defaced: DefacedCase) -> set[str]:
 
 def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
     """Store ``arr`` as the pixel data of ``ds`` losslessly, keeping the declared dtype."""
-    bits_alloc = int(ds.BitsAllocated)
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits_alloc = peek_uint(ds, "BitsAllocated") or int(ds.BitsAllocated)
+    signed = peek_uint(ds, "PixelRepresentation") == 1
     dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_alloc // 8}")
     data = np.ascontiguousarray(arr.astype(dtype, copy=False))
     ts = ds.file_meta.TransferSyntaxUID
     if not ts.is_compressed:
         value = data.tobytes()
+        if len(value) % 2:  # an odd number of 8-bit pixels: padded to even length (PS3.5 8.1.1)
+            value += b"\x00"
         old = ds.get_item(0x7FE00010)
         if isinstance(old, RawDataElement) and isinstance(old.value, bytes):
             # still raw, as read: the writer then passes the new bytes to the file as they are
@@ -291,7 +294,8 @@ def check_output_free(out_dir: Path) -> Path:
 
 
 PARALLEL_WRITE_MIN_OBJECTS = 64
-"""Cases with at least this many objects are written by two processes (where possible)."""
+"""``write_atomic(..., parallel=True)`` writes cases with at least this many objects with two
+processes (where possible); :meth:`CaseWriter.write` with ``background`` always does."""
 
 
 def write_atomic(
@@ -369,7 +373,7 @@ class CaseWriter:
             for folder in sorted({(tmp / o.relpath).parent for o in objects}):
                 folder.mkdir(parents=True, exist_ok=True)
             child = claims = None
-            if background and can_fork():
+            if background and forking.can_fork():
                 claims = multiprocessing.get_context("fork").Array("q", [0, len(objects)])
                 child = Child.start(_writer_child, list(objects), tmp, claims)
             if child is None:
@@ -472,7 +476,7 @@ def write_dicom(path: Path, ds: Dataset) -> None:
     buf.write(_PACK_LONG_HEADER(0x0002, 0x0000, b"UL", 4, len(group))[:8])
     buf.write(struct.pack("<I", len(group)))
     buf.write(group)
-    encodings = ds.get("SpecificCharacterSet", default_encoding)
+    encodings = peek(ds, "SpecificCharacterSet", default_encoding)
     parts: list[bytes] = []
     _encode_elements(
         buf, ds, bool(original_implicit), bool(ts.is_compressed), encodings, parts=parts
@@ -487,6 +491,12 @@ LARGE_VALUE_BYTES = 65536
 """Raw values at least this long (pixel data, big contour sequences) are written to the file
 from their own bytes rather than copied into the element buffer first."""
 
+
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
+    | {"UR", "UT"}
+)
+"""VRs whose empty value pydicom writes as a bare header of length 0."""
 
 _PACK_SHORT_HEADER = struct.Struct("<HH2sH").pack
 _PACK_LONG_HEADER = struct.Struct("<HH2sHI").pack
@@ -511,7 +521,9 @@ def _encode_elements(
         if (tag.element == 0 and tag.group > 6) or tag in skip:
             continue  # retired group length (PS3.5 7.2), or written by the caller
         elem = ds.get_item(tag)
-        if (
+        if isinstance(elem, DataElement) and elem.VR in _TEXT_VRS and elem.value in ("", None):
+            value, undefined = b"", False  # empty text (parsed while reading): a bare header
+        elif (
             not isinstance(elem, RawDataElement)
             or elem.value is None
             or bool(elem.is_implicit_VR) != implicit
@@ -520,8 +532,8 @@ def _encode_elements(
         ):
             write_data_element(buf, ds[tag], encodings)
             continue
-        value = elem.value
-        undefined = elem.length == rawseq.UNDEFINED_LENGTH
+        else:
+            value, undefined = elem.value, elem.length == rawseq.UNDEFINED_LENGTH
         if tag == 0x7FE00010:
             undefined = compressed  # PS3.5 A.4: encapsulated pixel data has undefined length
             if undefined and not value.startswith(b"\xfe\xff\x00\xe0"):
@@ -545,8 +557,9 @@ def _encode_elements(
         if parts is not None and len(value) >= LARGE_VALUE_BYTES:
             parts.append(buf.getvalue())
             parts.append(value)
-            buf.parent.seek(0)
-            buf.parent.truncate()
+            inner = cast(io.BytesIO, buf.parent)
+            inner.seek(0)
+            inner.truncate()
         else:
             buf.write(value)
         if undefined:
@@ -556,7 +569,10 @@ def _encode_elements(
 def _claim(claims: Any, *, first: bool) -> int | None:
     """Take the index of the next object to write: the first or the last one not yet taken
     (``claims`` holds [next first, end] in shared memory); None when all are taken."""
-    with claims.get_lock():
+    lock = claims.get_lock()
+    if not lock.acquire(timeout=WRITER_TIMEOUT_S):  # its holder died inside (e.g. killed)
+        raise OutputError("the CT slice writers lost their shared claims; rerun the case")
+    try:
         lo, hi = claims[0], claims[1]
         if lo >= hi:
             return None
@@ -565,6 +581,8 @@ def _claim(claims: Any, *, first: bool) -> int | None:
             return int(lo)
         claims[1] = hi - 1
         return int(hi - 1)
+    finally:
+        lock.release()
 
 
 def _writer_child(outputs: Sequence[OutputObject], folder: Path, claims: Any, conn: Any) -> None:
@@ -591,4 +609,5 @@ def _join_writer(child: Child) -> None:
 
 
 WRITER_TIMEOUT_S = 600.0
-"""Longest wait (s) for the writing child process of :func:`write_atomic`."""
+"""Longest wait (s) for a writing child process of :class:`CaseWriter` (its answer, or the
+lock of the shared claims)."""

@@ -5,7 +5,8 @@ The I/O floor is pydicom reading every file of the case (pixel data included) an
 unchanged to a new folder: no defacing tool can be faster. Both are timed in this process,
 alternating, on the same disk, each into a fresh output folder; the script prints the medians
 of wall time and of CPU time (this process plus its child processes: a single-case deface
-runs the image eye cross-check and half of the CT writing in forked children), the ratios and
+builds the de-identification context, clips the structure set, runs the image eye
+cross-check and writes part of the CT in forked children), the ratios and
 the peak resident memory of each (measured in a child process).
 
 Usage: python scripts/bench_deface.py CASE_DIR [--repeat 5]

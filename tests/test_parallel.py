@@ -36,7 +36,7 @@ from rtdeface.deid import (
 from rtdeface.discover import peek, peek_floats, peek_str, peek_uint
 from rtdeface.errors import InputError, OutputError
 from rtdeface.eyefinder import median_filter
-from rtdeface.load import load_case
+from rtdeface.load import copy_dataset, load_case
 from rtdeface.phantom import write_phantom_case as write_case
 from rtdeface.pipeline import DefaceOptions, StructuresJob, deface_case
 from rtdeface.uids import tag_keyword
@@ -595,3 +595,108 @@ def test_the_writer_child_and_this_process_share_the_ct_slices(
         o.relpath: (tmp_path / "out" / o.relpath).read_bytes() for o in outputs
     }
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_empty_text_elements_are_written_as_pydicom_writes_them(
+    tmp_path: Path, implicit: bool
+) -> None:
+    """Empty elements that were parsed (as pydicom leaves some of a real CT after reading)
+    are written with a bare header."""
+    write_case(tmp_path / "case", "hfs")
+    ds = pydicom.dcmread(load_case(tmp_path / "case").ct.paths[0])
+    for keyword in ("AccessionNumber", "ImageComments", "AcquisitionDate", "TimezoneOffsetFromUTC"):
+        setattr(ds, keyword, "")
+    ds.add_new(0x0040A160, "UT", "")  # TextValue: a long-length text VR
+    ds.add_new(0x0008103E, "LO", None)  # SeriesDescription with no value
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    pydicom.dcmwrite(tmp_path / "in.dcm", ds, enforce_file_format=True, implicit_vr=implicit)
+    read = pydicom.dcmread(tmp_path / "in.dcm")
+    empty = ("AccessionNumber", "ImageComments", "AcquisitionDate", "TimezoneOffsetFromUTC")
+    assert [read[k].value for k in (*empty, "TextValue")] == [""] * 5  # parsed now
+    assert read["SeriesDescription"].value in ("", None)
+    assert not isinstance(read.get_item("AccessionNumber"), RawDataElement)
+    write.write_dicom(tmp_path / "ours.dcm", read)
+    pydicom.dcmwrite(tmp_path / "pydicom.dcm", read, enforce_file_format=True)
+    assert (tmp_path / "ours.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+
+
+def _undefined_length_case(path: Path) -> None:
+    """A CT header whose defined-length sequence item holds an undefined-length sequence."""
+    ds = make_case()[0]
+    inner = Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "G-A101", "SRT", "Left"
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "T-D1100", "SRT", "Head"
+    item.AnatomicRegionModifierSequence = pydicom.sequence.Sequence([inner])
+    item["AnatomicRegionModifierSequence"].is_undefined_length = True
+    ds.AnatomicRegionSequence = pydicom.sequence.Sequence([item])
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def _deidentified_bytes(folder: Path, monkeypatch: pytest.MonkeyPatch, fork: bool) -> bytes:
+    """The written bytes of that case, de-identified with a context built in a child
+    (``fork``) or in this process."""
+    monkeypatch.setattr(forking, "can_fork", lambda: fork)
+    _undefined_length_case(folder / "in.dcm")
+    objects = [pydicom.dcmread(folder / "in.dcm")]
+    job = SessionJob(objects, DeidOptions(key=KEY), ct_defaced=True)
+    assert job.forked == fork
+    session = job.session(objects)
+    out = copy_dataset(objects[0])
+    session.process([out])
+    write.write_dicom(folder / "out.dcm", out)
+    return (folder / "out.dcm").read_bytes()
+
+
+def test_sequence_lengths_are_kept_whether_or_not_the_context_parsed_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the context in this process parses the inputs' sequences before they are
+    copied; built in a child it does not: the output keeps the input's undefined length (the
+    sequence delimiter) either way, byte for byte."""
+    written = []
+    for fork in (True, False):
+        (tmp_path / str(fork)).mkdir()
+        written.append(_deidentified_bytes(tmp_path / str(fork), monkeypatch, fork))
+        assert written[-1].count(b"\xfe\xff\xdd\xe0") == 1  # the one sequence delimiter
+        back = pydicom.dcmread(tmp_path / str(fork) / "out.dcm")
+        inner = back.AnatomicRegionSequence[0]["AnatomicRegionModifierSequence"]
+        assert inner.is_undefined_length and inner.value[0].CodeMeaning == "Left"
+    assert written[0] == written[1]
+
+
+def test_odd_length_8_bit_pixel_data_is_padded(tmp_path: Path) -> None:
+    ds = make_case()[0]
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 3, 3, 8, 8, 7
+    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(9)) + b"\x00"
+    pydicom.dcmwrite(tmp_path / "in.dcm", ds, enforce_file_format=True)
+    read = pydicom.dcmread(tmp_path / "in.dcm")
+    assert isinstance(read.get_item("PixelData"), RawDataElement)
+    new = np.arange(10, 19, dtype=np.uint8).reshape(3, 3)
+    write._set_pixels(read, new)
+    write.write_dicom(tmp_path / "ours.dcm", read)
+    back = pydicom.dcmread(tmp_path / "ours.dcm")
+    assert len(back.PixelData) == 10 and np.array_equal(back.pixel_array, new)
+    pydicom.dcmwrite(tmp_path / "pydicom.dcm", read, enforce_file_format=True)
+    assert (tmp_path / "ours.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+
+
+def _set_and_count(mask: np.ndarray) -> int:
+    mask[:] = True
+    return int(mask.sum())
+
+
+def test_a_zeroed_mask_is_private_to_each_process(forks: None) -> None:
+    from rtdeface.region import FRESH_MEMORY_BYTES, zeroed_mask
+
+    mask = zeroed_mask((4, 512, 1024))
+    assert mask.nbytes >= FRESH_MEMORY_BYTES and mask.flags.writeable and not mask.any()
+    call = forking.Deferred.start(_set_and_count, mask)
+    assert call.forked and call.result() == mask.size  # the child wrote all of its copy
+    assert not mask.any()  # and this process's mask is untouched
+    small = zeroed_mask((3, 4))
+    assert small.shape == (3, 4) and not small.any()
