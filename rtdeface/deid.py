@@ -1241,6 +1241,27 @@ _OWNER_DEPENDENT = frozenset({"StudyID", "AccessionNumber", *LABEL_FIELDS})
 """Keywords whose result depends on other elements of their dataset (never memoised)."""
 
 
+_KEEP, _INERT_UI, _SEQUENCE, _MEMOISED, _OTHER = range(5)
+
+
+@functools.lru_cache(maxsize=8192)
+def _element_kind(tag: int, vr: str) -> int:
+    """How :func:`_process_dataset` treats an element of this tag and VR: kept as it is
+    (numbers and binary data the table does not list), an inert UID (remapped only), a
+    sequence, an element whose outcome is memoised by value (public, not a sequence, not
+    owner-dependent), or any other element."""
+    private = bool((tag >> 16) & 1)
+    if vr in _UNTOUCHED_VRS and not private and table_action(tag) is None:
+        return _KEEP
+    if vr == "UI" and is_inert(tag, "UI"):
+        return _INERT_UI
+    if vr == "SQ":
+        return _SEQUENCE
+    if private or tag_keyword(tag) in _OWNER_DEPENDENT:
+        return _OTHER
+    return _MEMOISED
+
+
 def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
     """Apply the policy to every element of ``ds`` (and its items), remapping UIDs as it goes.
 
@@ -1254,25 +1275,25 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
     for tag, raw in list(ds.items()):
         if tag not in live:
             continue
-        vr = raw.VR or dictionary_vr(tag)
-        if vr in _UNTOUCHED_VRS and not tag.is_private and table_action(int(tag)) is None:
+        number = int(tag)
+        vr = raw.VR or dictionary_vr(number)
+        kind = _element_kind(number, vr)
+        if kind == _KEEP:
             continue  # numbers and binary data the table does not list: kept, never converted
-        if vr == "UI" and is_inert(int(tag), "UI"):
+        if kind == _INERT_UI:
             uid_tags.append(tag)  # the policy is "keep, remap"
             continue
-        if vr == "SQ" and ctx.scans.inert(ds, tag) is not None:
+        if kind == _SEQUENCE and ctx.scans.inert(ds, tag) is not None:
             if _splice_sequence(ds, tag, raw, ctx):
                 continue  # raw sequence of inert elements (e.g. ROIContourSequence): UIDs only
         key = None
         if (
-            ctx.memo is not None
+            kind == _MEMOISED
+            and ctx.memo is not None
             and isinstance(raw, RawDataElement)
-            and vr != "SQ"
-            and not tag.is_private
             and isinstance(raw.value, bytes)
-            and tag_keyword(int(tag)) not in _OWNER_DEPENDENT
         ):
-            key = (int(tag), vr, raw.value, form)
+            key = (number, vr, raw.value, form)
             hit = ctx.memo.get(key)
             if hit is not None:
                 _replay(ds, tag, raw, hit, ctx)
@@ -1280,7 +1301,8 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
             before = Counter(ctx.counts)
         elem = ds[tag]
         values_before: list[str] = _str_values(elem.value) if key is not None else []
-        path = f"{prefix}{_elem_name(elem)}"
+        # element paths are only recorded for what_if (events)
+        path = f"{prefix}{_elem_name(elem)}" if ctx.events is not None else ""
         recurse = _process_element(ds, elem, ctx, path)
         if key is not None and ctx.memo is not None:
             assert isinstance(raw, RawDataElement)  # a memo key is only made for raw elements
