@@ -678,10 +678,10 @@ def _load_single(
     files = assemble_single_case(list(tree.index.records), source)
     datasets = tree.index.datasets
     session = None
-    if deid is not None:
-        rs = (files.rtstruct,) if files.rtstruct is not None else ()
-        objects = [datasets[r.path] for r in (*files.ct, *rs, *files.doses, *files.plans)]
-        session = SessionJob(objects, deid, ct_defaced=True)
+    rs = (files.rtstruct,) if files.rtstruct is not None else ()
+    paths = [r.path for r in (*files.ct, *rs, *files.doses, *files.plans)]
+    if deid is not None and all(p in datasets for p in paths):  # else built when needed
+        session = SessionJob([datasets[p] for p in paths], deid, ct_defaced=True)
     try:
         return load_case_files(files, source, datasets), session
     except BaseException:
