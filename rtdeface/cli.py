@@ -21,6 +21,7 @@ from rtdeface.errors import InputError, RtDefaceError, UsageError
 from rtdeface.fullface import DEFAULT_FACE_DEPTH_MM, DEFAULT_FACE_MARGIN_MM, MODES
 from rtdeface.pipeline import (
     EYE_MODES,
+    DefacedCase,
     DefaceOptions,
     complete_eye_check,
     deface_case,
@@ -456,15 +457,11 @@ def _cmd_deface(args: argparse.Namespace) -> int:
         return _what_if(_load_single(args, tree)[0], deid)
     case, session = _load_single(args, tree, deid)
     t_load = time.perf_counter() - t0
-    try:
-        defaced = deface_case(case, options, defer=True, parallel=True)
-    except BaseException:
-        if session is not None:
-            session.cancel()
-        raise
-    t = time.perf_counter()
+    pending: DefacedCase | None = None  # what to stop if the case fails
     writer: CaseWriter | None = None
     try:
+        defaced = pending = deface_case(case, options, defer=True, parallel=True)
+        t = time.perf_counter()
         # the CT slices are written by a child process as soon as they are final, while this
         # one finishes the structure set, the doses and plans, and the report
         writer = CaseWriter(output)
@@ -479,7 +476,8 @@ def _cmd_deface(args: argparse.Namespace) -> int:
         writer.write([o for o in outputs if o.role != "CT"])
         out = writer.commit({REPORT_NAME: to_json(report)})
     except BaseException:
-        defaced.cancel_pending()
+        if pending is not None:
+            pending.cancel_pending()
         if session is not None:
             session.cancel()
         if writer is not None:

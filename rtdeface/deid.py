@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.charset import default_encoding
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
@@ -65,7 +65,7 @@ from pydicom.tag import BaseTag, Tag
 
 from rtdeface import __version__, rawseq
 from rtdeface.annex_e import ACTIONS, EDITION, MASKED_ACTIONS, SOURCE
-from rtdeface.discover import peek_str
+from rtdeface.discover import peek_element, peek_str
 from rtdeface.errors import InputError, UsageError
 from rtdeface.forking import Deferred
 from rtdeface.uids import (
@@ -690,7 +690,7 @@ def iter_elements(
         for tag in list(meta.keys()):
             vr = element_vr(meta, tag)
             if (vrs is None or vr in vrs) and (want is None or want(tag, vr)):
-                elem = _peek_element(meta, tag)
+                elem = peek_element(meta, tag)
                 yield f"file_meta.{_elem_name(elem)}", meta, elem
     for tag, raw in list(ds.items()):
         vr = raw.VR or dictionary_vr(tag)
@@ -703,7 +703,7 @@ def iter_elements(
         ):
             continue
         else:
-            elem = _peek_element(ds, tag)
+            elem = peek_element(ds, tag)
         path = f"{prefix}{_elem_name(elem)}"
         yield path, ds, elem
         if elem.VR == "SQ" and elem.value is not None:
@@ -955,14 +955,6 @@ def splice_uids(
         pos = end
     out.append(value[pos:])
     return b"".join(out)
-
-
-def _peek_element(ds: Dataset, tag: BaseTag) -> DataElement:
-    """``ds[tag]`` without storing the parsed element in place of a raw one."""
-    elem = ds.get_item(tag)
-    if isinstance(elem, RawDataElement):
-        return convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
-    return elem
 
 
 def _token_source(tag: BaseTag, vr: str) -> bool:
@@ -1752,7 +1744,6 @@ class DeidSession:
         if describe:  # every element is visited and described (what_if)
             ctx.events = []
             ctx.memo = None
-        self._ct_defaced = ct_defaced
         self._applied = ctx.options.applied_options(ct_defaced=ct_defaced)
         self._n_objects = 0
         class_uids, uids = _uid_inventory(context, ctx.scans)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -95,10 +95,15 @@ def peek(ds: Dataset, keyword: str, default: Any = None) -> Any:
     tag = tag_for_keyword(keyword)
     if tag is None or tag not in ds:
         return default
+    return peek_element(ds, tag).value
+
+
+def peek_element(ds: Dataset, tag: int) -> DataElement:
+    """``ds[tag]`` (present) without storing the parsed element in place of a raw one."""
     elem = ds.get_item(tag)
     if isinstance(elem, RawDataElement):
-        elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
-    return elem.value
+        return convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+    return elem
 
 
 ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})

@@ -367,13 +367,13 @@ def check_pixel_module(ds: Dataset, path: Path, frames: int = 1) -> tuple[int, i
     """
     try:
         rows, cols, bits = (peek_uint(ds, k) for k in ("Rows", "Columns", "BitsAllocated"))
-        if rows is None or cols is None or bits is None:
-            raise TypeError("missing")
     except (AttributeError, TypeError, ValueError):
+        rows = cols = bits = None
+    if rows is None or cols is None or bits is None:
         raise InputError(
             f"{path}: Rows, Columns or BitsAllocated missing or invalid; the file is not a "
             "complete image, re-export it"
-        ) from None
+        )
     if "PixelData" not in ds:
         raise InputError(f"{path}: no PixelData; the file is not a complete image, re-export it")
     meta = getattr(ds, "file_meta", None)

@@ -33,7 +33,7 @@ from rtdeface.landmarks import (
     landmarks_from_rois,
     select_eye_rois,
 )
-from rtdeface.load import Case, StructureSet
+from rtdeface.load import Case, RawContours, StructureSet
 from rtdeface.region import (
     DefacingRegion,
     RoiSections,
@@ -202,8 +202,8 @@ class StructuresJob:
             clip, scan = self._call.result()
             raw = self._structure_set.raw_contours
             if scan is not None and raw is not None:
-                value = raw.value if clip.roi_contours is None else clip.roi_contours
-                self.scanned = (value, raw.codec.implicit, raw.codec.little, scan)
+                codec = raw.codec
+                self.scanned = (_written_contours(raw, clip), codec.implicit, codec.little, scan)
             if timings is not None:
                 timings["structures"] = clip.seconds
                 if forked:
@@ -225,8 +225,13 @@ def _clip_and_scan(
     raw = structure_set.raw_contours
     if raw is None:
         return clip, None
-    value = raw.value if clip.roi_contours is None else clip.roi_contours
+    value = _written_contours(raw, clip)
     return clip, scan_raw_sequence(value, raw.codec.implicit, raw.codec.little)
+
+
+def _written_contours(raw: RawContours, clip: StructuresClip) -> bytes:
+    """The ROIContourSequence value the defaced structure set holds."""
+    return raw.value if clip.roi_contours is None else clip.roi_contours
 
 
 HuProvider = Callable[[], npt.NDArray[np.float32]]

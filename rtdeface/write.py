@@ -261,7 +261,7 @@ def build_outputs(
     for n, (_, plan) in enumerate(case.plans, start=1):
         others.append(OutputObject(f"RTPLAN_{n}.dcm", "RTPLAN", copy_dataset(plan)))
     finish(others)
-    rest: list[OutputObject] = []
+    rtstruct: list[OutputObject] = []
     if defaced.structures is not None:  # a copy: building outputs twice gives the same result
         job = defaced.structures_work
         if isinstance(job, StructuresJob) and job.scanned is not None:  # scanned by the job
@@ -270,10 +270,9 @@ def build_outputs(
             elif scans is not None:
                 scans.add(*job.scanned)
         structures = copy_dataset(defaced.structures.dataset)
-        rest.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", structures))
-        finish(rest)
-    rest += others
-    return outputs + rest, session.record() if session is not None else None
+        rtstruct.append(OutputObject("RTSTRUCT.dcm", "RTSTRUCT", structures))
+        finish(rtstruct)
+    return outputs + rtstruct + others, session.record() if session is not None else None
 
 
 def check_output_free(out_dir: Path) -> Path:
@@ -390,8 +389,7 @@ class CaseWriter:
         try:
             while self._batches:
                 child, objects, claims = self._batches[0]
-                while (k := _claim(claims, first=False)) is not None:
-                    write_dicom(tmp / objects[k].relpath, objects[k].dataset)
+                _write_claimed(objects, tmp, claims, first=False)
                 self._batches.pop(0)
                 _join_writer(child)
             for name, data in extra_files.items():
@@ -473,7 +471,7 @@ def write_dicom(path: Path, ds: Dataset) -> None:
     buf.is_implicit_VR, buf.is_little_endian = bool(original_implicit), True
     buf.write(getattr(ds, "preamble", None) or b"\x00" * 128)
     buf.write(b"DICM")
-    buf.write(_PACK_LONG_HEADER(0x0002, 0x0000, b"UL", 4, len(group))[:8])
+    buf.write(_PACK_SHORT_HEADER(0x0002, 0x0000, b"UL", 4))  # FileMetaInformationGroupLength
     buf.write(struct.pack("<I", len(group)))
     buf.write(group)
     encodings = peek(ds, "SpecificCharacterSet", default_encoding)
@@ -585,12 +583,19 @@ def _claim(claims: Any, *, first: bool) -> int | None:
         lock.release()
 
 
+def _write_claimed(
+    objects: Sequence[OutputObject], folder: Path, claims: Any, *, first: bool
+) -> None:
+    """Write the objects this process claims (from the first or the last) until none is left."""
+    while (k := _claim(claims, first=first)) is not None:
+        write_dicom(folder / objects[k].relpath, objects[k].dataset)
+
+
 def _writer_child(outputs: Sequence[OutputObject], folder: Path, claims: Any, conn: Any) -> None:
     """Child of :meth:`CaseWriter.write`: write objects from the first until they are all
     taken; send "" or the error."""
     try:
-        while (k := _claim(claims, first=True)) is not None:
-            write_dicom(folder / outputs[k].relpath, outputs[k].dataset)
+        _write_claimed(outputs, folder, claims, first=True)
         conn.send("")
     except BaseException as exc:
         conn.send(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
