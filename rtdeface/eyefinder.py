@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from numpy.lib.stride_tricks import sliding_window_view
 from scipy import fft as sp_fft
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
@@ -454,7 +453,16 @@ def _head_centre_xy(vol: _Canonical, z_mm: float) -> tuple[float, float] | None:
 
     A binary opening first removes thin shells (a thermoplastic mask, the couch surface).
     """
-    kz = int(np.clip(round(float(vol.to_index([0.0, 0.0, z_mm])[0])), 0, vol.hu.shape[0] - 1))
+    return _head_centre_on(vol, _coarse_plane(vol, z_mm))
+
+
+def _coarse_plane(vol: _Canonical, z_mm: float) -> int:
+    """Index of the coarse plane nearest to ``z_mm`` (clipped to the volume)."""
+    return int(np.clip(round(float(vol.to_index([0.0, 0.0, z_mm])[0])), 0, vol.hu.shape[0] - 1))
+
+
+def _head_centre_on(vol: _Canonical, kz: int) -> tuple[float, float] | None:
+    """:func:`_head_centre_xy` on coarse plane ``kz``."""
     body = ndi.binary_opening(vol.hu[kz] > BODY_HU)
     labels, n = ndi.label(body)
     if n == 0:
@@ -476,17 +484,44 @@ def _local_box(grid: Grid, centre_mm: FloatArray, half_mm: float) -> tuple[slice
     return (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
 
 
-def median_filter(a: Float32Array, size: int) -> Float32Array:
-    """The ``size`` x ``size`` x ``size`` median filter of ``a`` (odd ``size``, edges
-    repeated): the values of ``scipy.ndimage.median_filter(a, size, mode="nearest")``, about
-    2.5 times faster for size 3 (one partial sort of every voxel's neighbours at once)."""
+def neighbour_count(mask: BoolArray, size: int) -> npt.NDArray[np.uint16]:
+    """How many voxels of each voxel's ``size`` x ``size`` x ``size`` neighbourhood are set in
+    ``mask`` (odd ``size``; outside the array the edge voxels are repeated, as
+    ``scipy.ndimage`` filters do with ``mode="nearest"``)."""
     half = size // 2
-    padded = np.pad(a, half, mode="edge")
-    n = size**3
-    windows = sliding_window_view(padded, (size, size, size)).reshape(*a.shape, n)
-    neighbours = np.array(windows)  # a contiguous copy, partitioned in place
-    neighbours.partition(n // 2, axis=-1)
-    return np.ascontiguousarray(neighbours[..., n // 2])
+    count = np.pad(mask, half, mode="edge").astype(np.uint16)
+    for axis in range(mask.ndim):
+        n = mask.shape[axis]
+        lead = (slice(None),) * axis
+        total = count[(*lead, slice(0, n))].copy()
+        for o in range(1, size):
+            total += count[(*lead, slice(o, o + n))]
+        count = total
+    return count
+
+
+class MedianClasses:
+    """Threshold tests on the ``size``-cube median filter of ``a``, without filtering.
+
+    The median of the ``n = size**3`` neighbours (odd ``n``) is below ``t`` exactly when more
+    than ``n // 2`` of them are, and above ``t`` exactly when more than ``n // 2`` of them
+    are; so each test is a neighbour count (:func:`neighbour_count`) and selects the same
+    voxels as the test on ``scipy.ndimage.median_filter(a, size, mode="nearest")``, at a
+    fraction of the cost of sorting every neighbourhood.
+    """
+
+    def __init__(self, a: Float32Array, size: int) -> None:
+        self._a = a
+        self._size = size
+        self._rank = size**3 // 2
+
+    def below(self, t: float) -> BoolArray:
+        """Voxels whose median is < ``t``."""
+        return np.asarray(neighbour_count(self._a < t, self._size) > self._rank)
+
+    def above(self, t: float) -> BoolArray:
+        """Voxels whose median is > ``t``."""
+        return np.asarray(neighbour_count(self._a > t, self._size) > self._rank)
 
 
 def _refine_eye(hu: Float32Array, grid: Grid, centre_mm: FloatArray) -> _EyeMask:
@@ -510,8 +545,9 @@ def _refine_eye(hu: Float32Array, grid: Grid, centre_mm: FloatArray) -> _EyeMask
     box = _local_box(grid, centre_mm, LOCAL_HALF_MM)
     start = np.asarray([s.start for s in box])
     spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
-    smooth = median_filter(hu[box], MEDIAN_SIZE_VOXELS)
-    globe = ndi.binary_fill_holes((smooth >= VITREOUS_HU[0]) & (smooth <= VITREOUS_HU[1]))
+    smooth = MedianClasses(hu[box], MEDIAN_SIZE_VOXELS)  # tests on the median-filtered box
+    below_vitreous = smooth.below(VITREOUS_HU[0])
+    globe = ndi.binary_fill_holes(~below_vitreous & ~smooth.above(VITREOUS_HU[1]))
     k, i, j = np.meshgrid(
         *(np.arange(s.start, s.stop, dtype=np.float64) for s in box), indexing="ij"
     )
@@ -529,7 +565,7 @@ def _refine_eye(hu: Float32Array, grid: Grid, centre_mm: FloatArray) -> _EyeMask
     sub = grid.to_index(centre) - start
     # Radius: first thin shell where fat, air or bone reach EDGE_DARK_FRACTION.
     dist = np.linalg.norm(xyz - centre, axis=-1)
-    dark = (smooth < VITREOUS_HU[0]) | (smooth > SOFT_TISSUE_HU[1])
+    dark = below_vitreous | smooth.above(SOFT_TISSUE_HU[1])
     bins = np.floor(dist / RADIAL_BIN_MM).astype(np.int64).ravel()
     n_bins = int(LOCAL_HALF_MM / RADIAL_BIN_MM)
     total = np.bincount(bins, minlength=n_bins)[:n_bins]
@@ -629,7 +665,9 @@ def find_eyes_in_image(hu: npt.NDArray[np.floating], grid: Grid) -> EyeLandmarks
     score = _globe_score(vol)
     cands = _candidates(vol, score)
     # Eyes lie in the anterior half of the head (smaller y than the body's centroid).
-    centres = [_head_centre_xy(vol, float(c.centre_mm[2])) for c in cands]
+    cand_planes = [_coarse_plane(vol, float(c.centre_mm[2])) for c in cands]
+    heads = {kz: _head_centre_on(vol, kz) for kz in set(cand_planes)}  # planes are shared
+    centres = [heads[kz] for kz in cand_planes]
     cands = [c for c, h in zip(cands, centres, strict=True) if h is None or c.centre_mm[1] < h[1]]
     log.debug("eye candidates: %s", [(_fmt(c.centre_mm), round(c.score, 2)) for c in cands])
     best = _best_pair(cands)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import shapely
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
@@ -179,23 +180,70 @@ def _planes(contours: Sequence[Contour]) -> dict[float, list[Contour]]:
     return planes
 
 
-def closed_volume_ml(contours: Sequence[Contour], default_thickness_mm: float) -> float:
-    """Volume (mL) of closed planar contours: even-odd area per plane x plane spacing.
+@dataclass(frozen=True)
+class ClosedPlanes:
+    """The closed planar contours of one ROI grouped by plane, with each plane's area.
 
-    Vectorised: all rings are built and measured in one shapely call each; planes with one
+    Attributes
+    ----------
+    contours : tuple of Contour
+        The ROI's CLOSED_PLANAR contours, in their order.
+    groups : tuple of tuple of int
+        Per plane (increasing z), the indices into ``contours`` of the plane's contours
+        (:func:`rtdeface.region.group_planes`).
+    z_mm : numpy.ndarray, shape (n_planes,)
+        Plane z (mm): the mean of its contours' mean z.
+    area_mm2 : numpy.ndarray, shape (n_planes,)
+        The even-odd area of each plane's contours (:func:`plane_area_mm2`).
+    default_thickness_mm : float
+        Slab thickness used when there is only one plane.
+    """
+
+    contours: tuple[Contour, ...]
+    groups: tuple[tuple[int, ...], ...]
+    z_mm: npt.NDArray[np.float64]
+    area_mm2: npt.NDArray[np.float64]
+    default_thickness_mm: float
+
+    def volume_ml(self, replaced: dict[int, float | None] | None = None) -> float:
+        """Volume (mL): the planes' areas times the median plane spacing.
+
+        ``replaced`` maps plane index -> its new area (mm^2), or None for a plane left with no
+        contour (it no longer counts, for the area or the spacing).
+        """
+        z, area = self.z_mm, self.area_mm2
+        if replaced:
+            keep = np.ones(len(z), dtype=bool)
+            area = area.copy()
+            for i, new in replaced.items():
+                if new is None:
+                    keep[i] = False
+                else:
+                    area[i] = new
+            z, area = z[keep], area[keep]
+        if z.size == 0:
+            return 0.0
+        thickness = float(np.median(np.diff(z))) if z.size > 1 else self.default_thickness_mm
+        return float(sum(area.tolist()) * thickness / 1000.0)  # summed in plane order
+
+
+def closed_planes(contours: Sequence[Contour], default_thickness_mm: float) -> ClosedPlanes:
+    """Group the closed planar contours of ``contours`` by plane and measure every plane.
+
+    Vectorised: all rings are built and checked in one shapely call each; planes with one
     valid contour take its area, others go through :func:`even_odd_area` (invalid contours
     are repaired first with :func:`rtdeface.region.polygon_from_points`).
     """
-    closed = [c for c in contours if c.geometric_type == "CLOSED_PLANAR"]
+    closed = tuple(c for c in contours if c.geometric_type == "CLOSED_PLANAR")
     if not closed:
-        return 0.0
+        empty = np.zeros(0, dtype=np.float64)
+        return ClosedPlanes(closed, (), empty, empty, default_thickness_mm)
     lengths = np.asarray([len(c.points_lps_mm) for c in closed], dtype=np.int64)
     flat = np.concatenate([c.points_lps_mm for c in closed])
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     zs = np.add.reduceat(flat[:, 2], starts) / lengths
     groups = group_planes(zs.tolist())
     plane_z = np.asarray([float(np.mean(zs[g])) for g in groups], dtype=np.float64)
-    thickness = float(np.median(np.diff(plane_z))) if plane_z.size > 1 else default_thickness_mm
     ringable = lengths >= 3
     polys = np.full(len(closed), None, dtype=object)
     if ringable.any():
@@ -211,14 +259,28 @@ def closed_volume_ml(contours: Sequence[Contour], default_thickness_mm: float) -
             return polys[i]
         return polygon_from_points(closed[i].points_lps_mm)
 
-    area = 0.0
-    for g in groups:
+    areas = np.empty(len(groups), dtype=np.float64)
+    for n, g in enumerate(groups):
         if len(g) == 1:
             i = g[0]
-            area += float(shapely.area(polys[i])) if valid[i] else polygon(i).area
+            areas[n] = float(shapely.area(polys[i])) if valid[i] else polygon(i).area
         else:
-            area += even_odd_area([polygon(i) for i in g])
-    return float(area * thickness / 1000.0)
+            areas[n] = even_odd_area([polygon(i) for i in g])
+    return ClosedPlanes(
+        closed, tuple(tuple(g) for g in groups), plane_z, areas, default_thickness_mm
+    )
+
+
+def plane_area_mm2(points: Sequence[npt.NDArray[np.float64]]) -> float:
+    """The even-odd area (mm^2) of one plane's closed contours given as point arrays (n, 3),
+    invalid contours repaired first, as in :func:`closed_planes`."""
+    return even_odd_area([polygon_from_points(p) for p in points])
+
+
+def closed_volume_ml(contours: Sequence[Contour], default_thickness_mm: float) -> float:
+    """Volume (mL) of closed planar contours: even-odd area per plane x plane spacing
+    (:class:`ClosedPlanes`)."""
+    return closed_planes(contours, default_thickness_mm).volume_ml()
 
 
 def even_odd_area(polygons: Sequence[BaseGeometry]) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from shapely.geometry import LineString, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from rtdeface import rawseq
-from rtdeface.landmarks import closed_volume_ml
+from rtdeface.landmarks import closed_planes, plane_area_mm2
 from rtdeface.load import (
     CONTOUR_DATA_TAG,
     CONTOUR_GEOMETRIC_TYPE_TAG,
@@ -38,7 +37,7 @@ from rtdeface.load import (
     StructureSet,
     copy_dataset,
 )
-from rtdeface.region import DefacingRegion, even_odd, group_planes, polygon_from_points
+from rtdeface.region import DefacingRegion, even_odd, polygon_from_points
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +133,15 @@ def _plane_points(xy: FloatArray, z_mm: float, y_mid_mm: float) -> list[str]:
     return format_ds(pts.ravel())
 
 
-_TRAILING_ZEROS = re.compile(r"\.?0+(?=\\|$)")
-_NEGATIVE_ZERO = re.compile(r"(?<![0-9.])-0(?=\\|$)")
-
-
 def format_ds(values: FloatArray) -> list[str]:
     """DS strings of ``values``: :data:`COORD_DECIMALS` decimals, trailing zeros (and a bare
     point) dropped, ``-0`` written ``0`` (at most 16 characters for |v| < 1e8)."""
     if values.size == 0:
         return []
     text = "\\".join([f"%.{COORD_DECIMALS}f"] * values.size) % tuple(values.tolist())
-    text = _NEGATIVE_ZERO.sub("0", _TRAILING_ZEROS.sub("", text))
-    return text.split("\\")
+    # every string has a decimal point, so stripping zeros never reaches the integer part
+    out = [v.rstrip("0").rstrip(".") for v in text.split("\\")]
+    return [v if v != "-0" else "0" for v in out]
 
 
 def snap_y(y: FloatArray, y_mid_mm: float) -> FloatArray:
@@ -395,7 +391,8 @@ def clip_structures(
     for roi in structure_set.rois:
         index = raw.index_of(roi.number) if raw is not None else -1
         n_before = len(roi.contours)
-        vol_before = closed_volume_ml(roi.contours, default_thickness_mm)
+        planes = closed_planes(roi.contours, default_thickness_mm)
+        vol_before = planes.volume_ml()
         is_kept = roi.number in preserved
         if is_kept or raw is None or index < 0 or not roi.contours:
             changes.append(_unchanged(roi, is_kept, vol_before))
@@ -403,18 +400,18 @@ def clip_structures(
         replacement: dict[int, list[NewContour]] = {}  # first item index of a group -> new
         dropped: set[int] = set()
         planes_changed = 0
-        closed = [c for c in roi.contours if c.geometric_type == "CLOSED_PLANAR"]
-        zs = [c.z_mm for c in closed]
-        for group in group_planes(zs):
-            z = float(np.mean([zs[g] for g in group]))
+        new_areas: dict[int, float | None] = {}  # plane -> area after (None: no contour left)
+        for plane, group in enumerate(planes.groups):
+            z = float(planes.z_mm[plane])
             cut = region.cut_at(z)
             if cut is None:
                 continue
-            group_contours = [closed[g] for g in group]
+            group_contours = [planes.contours[g] for g in group]
             new = _clip_closed_plane(group_contours, cut, z, float(region.y_limit(z)[0]))
             if new is None:
                 continue
             planes_changed += 1
+            new_areas[plane] = plane_area_mm2([nc.points_lps_mm() for nc in new]) if new else None
             idxs = sorted(c.item_index for c in group_contours)
             replacement[idxs[0]] = new
             dropped.update(idxs[1:])
@@ -435,18 +432,7 @@ def clip_structures(
             i: replacement.get(i) for i in range(n_items) if i not in dropped
         }
         rebuilt[index], n_after = _rebuild_roi_item(raw, index, kept, empty)
-        by_index = {c.item_index: c for c in roi.contours}
-        after = []
-        for i in sorted(kept):
-            if i in empty:
-                continue
-            if kept[i] is None:
-                after.append(by_index[i])
-            else:
-                after.extend(
-                    Contour(nc.geometric_type, nc.points_lps_mm(), -1) for nc in kept[i] or []
-                )
-        vol_after = closed_volume_ml(after, default_thickness_mm)
+        vol_after = planes.volume_ml(new_areas)
         removed = n_after == 0
         if removed:
             removed_numbers.add(roi.number)

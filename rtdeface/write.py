@@ -113,12 +113,21 @@ def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
     data = np.ascontiguousarray(arr.astype(dtype, copy=False))
     ts = ds.file_meta.TransferSyntaxUID
     if not ts.is_compressed:
+        old = ds.get_item(0x7FE00010)
+        if (
+            isinstance(old, RawDataElement)
+            and isinstance(old.value, bytes)
+            and data.nbytes % 2 == 0
+        ):
+            # still raw, as read: the element takes the array's own memory as its value (no
+            # copy), which the writers pass to the file as it is
+            view = memoryview(data).cast("B")
+            ds[0x7FE00010] = old._replace(value=view, length=len(view))
+            return
         value = data.tobytes()
         if len(value) % 2:  # an odd number of 8-bit pixels: padded to even length (PS3.5 8.1.1)
             value += b"\x00"
-        old = ds.get_item(0x7FE00010)
         if isinstance(old, RawDataElement) and isinstance(old.value, bytes):
-            # still raw, as read: the writer then passes the new bytes to the file as they are
             ds[0x7FE00010] = old._replace(value=value, length=len(value))
         else:
             ds.PixelData = value

@@ -35,7 +35,7 @@ from rtdeface.deid import (
 )
 from rtdeface.discover import peek, peek_floats, peek_str, peek_uint
 from rtdeface.errors import InputError, OutputError
-from rtdeface.eyefinder import median_filter
+from rtdeface.eyefinder import MedianClasses, neighbour_count
 from rtdeface.load import copy_dataset, load_case
 from rtdeface.phantom import write_phantom_case as write_case
 from rtdeface.pipeline import DefaceOptions, StructuresJob, deface_case
@@ -300,13 +300,33 @@ def test_peek_str_of_odd_values_equals_pydicoms(keyword: str, value: bytes) -> N
 
 @pytest.mark.parametrize("size", [3, 5])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_median_filter_equals_scipys(size: int, seed: int) -> None:
+def test_median_classes_equal_thresholds_of_scipys_median(size: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     shape = tuple(int(n) for n in rng.integers(4, 12, size=3))
     a = rng.normal(0, 300, size=shape).astype(np.float32).round()
+    median = ndi.median_filter(a, size=size, mode="nearest")
+    classes = MedianClasses(a, size)
+    # thresholds at sample values (ties) and between them
+    for t in [*np.unique(a)[:: max(1, a.size // 40)].tolist(), -0.5, 0.5, 99.5]:
+        np.testing.assert_array_equal(classes.below(t), median < t)
+        np.testing.assert_array_equal(classes.above(t), median > t)
+
+
+def test_neighbour_count_of_one_voxel_and_of_an_edge() -> None:
+    mask = np.zeros((4, 5, 6), dtype=bool)
+    mask[2, 2, 2] = True
+    count = neighbour_count(mask, 3)
+    assert count.dtype == np.uint16 and count.shape == mask.shape
     np.testing.assert_array_equal(
-        median_filter(a, size), ndi.median_filter(a, size=size, mode="nearest")
+        np.argwhere(count == 1),
+        np.argwhere(np.pad(np.ones((3, 3, 3), bool), [(1, 0), (1, 1), (1, 2)])),
     )
+    assert int(count.sum()) == 27
+    edge = np.zeros((3, 3, 3), dtype=bool)
+    edge[0, 0, 0] = True  # repeated outside: the corner voxel counts 8 times for itself
+    assert int(neighbour_count(edge, 3)[0, 0, 0]) == 8
+    assert int(neighbour_count(edge, 3)[1, 1, 1]) == 1
+    assert int(neighbour_count(edge, 3)[2, 2, 2]) == 0
 
 
 def test_hu_slab_equals_the_slices(tmp_path: Path) -> None:
@@ -674,6 +694,30 @@ def test_odd_length_8_bit_pixel_data_is_padded(tmp_path: Path) -> None:
     assert len(back.PixelData) == 10 and np.array_equal(back.pixel_array, new)
     pydicom.dcmwrite(tmp_path / "pydicom.dcm", read, enforce_file_format=True)
     assert (tmp_path / "ours.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "ts", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian]
+)
+def test_new_pixels_are_written_from_the_arrays_memory(tmp_path: Path, ts: str) -> None:
+    ds = make_case()[0]
+    ds.Rows, ds.Columns = 256, 200  # 100 KiB of pixels: a large value, written without a copy
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.zeros((256, 200), dtype="<i2").tobytes()
+    ds.file_meta.TransferSyntaxUID = ts
+    pydicom.dcmwrite(tmp_path / "in.dcm", ds, enforce_file_format=True)
+    read = pydicom.dcmread(tmp_path / "in.dcm")
+    new = np.arange(-25600, 25600, dtype="<i2").reshape(256, 200)
+    write._set_pixels(read, new)
+    elem = read.get_item("PixelData")
+    assert isinstance(elem, RawDataElement) and elem.length == new.nbytes == 102400
+    assert np.shares_memory(np.frombuffer(elem.value, dtype="<i2"), new)  # no copy made
+    write.write_dicom(tmp_path / "ours.dcm", read)
+    pydicom.dcmwrite(tmp_path / "pydicom.dcm", read, enforce_file_format=True)
+    assert (tmp_path / "ours.dcm").read_bytes() == (tmp_path / "pydicom.dcm").read_bytes()
+    back = pydicom.dcmread(tmp_path / "ours.dcm")
+    np.testing.assert_array_equal(back.pixel_array, new)
 
 
 def _set_and_count(mask: np.ndarray) -> int:

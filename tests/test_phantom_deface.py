@@ -12,7 +12,8 @@ import pytest
 from shapely.geometry import Polygon, box
 
 from rtdeface.cli import main
-from rtdeface.load import contour_data_array
+from rtdeface.landmarks import closed_volume_ml
+from rtdeface.load import contour_data_array, parse_structure_set
 from rtdeface.phantom import (
     BOXES_MM,
     SAME_CT_LATTICE_VARIANTS,
@@ -185,6 +186,30 @@ def test_roi_outcomes_exact(cases: dict[str, tuple[Path, Path]], variant: str) -
     assert sorted(report["rois_removed"]) == ["Lens_L", "Lens_R", "Mask_Line"]
     eye = next(r for r in report["rois"] if r["name"] == "Eye_L")
     assert eye["volume_after_ml"] == pytest.approx(eye["volume_before_ml"] / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["hfs", "ffp", "aniso"])
+def test_reported_volumes_are_those_of_the_files(
+    cases: dict[str, tuple[Path, Path]], variant: str
+) -> None:
+    # the report's volumes after the cut are derived from the planes the cut changed; they
+    # equal the volumes measured afresh on the written structure set
+    src, dst = cases[variant]
+    report = json.loads((dst / "rtdeface_report.json").read_text())
+    thickness = 3.0 if variant == "aniso" else 2.5  # the CT slice spacing
+    for name, path, key in (
+        ("input", src / "RTSTRUCT.dcm", "volume_before_ml"),
+        ("output", dst / "RTSTRUCT.dcm", "volume_after_ml"),
+    ):
+        rois = {r.name: r for r in parse_structure_set(pydicom.dcmread(path), path).rois}
+        for entry in report["rois"]:
+            if entry["name"] not in rois:
+                assert name == "output" and entry["removed"] and entry[key] == 0.0
+                continue
+            measured = closed_volume_ml(rois[entry["name"]].contours, thickness)
+            assert entry[key] == pytest.approx(measured, rel=1e-9, abs=1e-12), (name, entry)
+    changed = [r for r in report["rois"] if r["planes_changed"]]
+    assert {"BODY", "Eye_L", "Eye_R"} <= {r["name"] for r in changed}
 
 
 def test_report_preserved_voxels_in_region(cases: dict[str, tuple[Path, Path]]) -> None:

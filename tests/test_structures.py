@@ -181,3 +181,28 @@ def test_cut_points_judged_on_their_plane(structure_set) -> None:  # type: ignor
     region = _region(structure_set)
     pts = np.array([[0, -20, 2.0], [0, -20, 4.0], [0, -20, 0.0], [0, 5, 4.0], [0, -0.001, 4.0]])
     assert region.contains_points(pts).tolist() == [False, True, False, False, True]
+
+
+def test_volume_after_drops_a_plane_left_empty_from_the_spacing() -> None:
+    # planes z -4, -2 (posterior, below the cut) and 4 (wholly in the cut): spacing before
+    # is the median of (2, 6) = 4 mm; after, plane 4 is gone and the spacing is 2 mm
+    ss = parse_structure_set(
+        make_rtstruct(
+            {
+                "Brow": (
+                    "ORGAN",
+                    [
+                        ("CLOSED_PLANAR", square(-5, 10, 5, 20, -4)),
+                        ("CLOSED_PLANAR", square(-5, 10, 5, 20, -2)),
+                        ("CLOSED_PLANAR", square(-5, -45, 5, -35, 4)),
+                    ],
+                )
+            }
+        ),
+        Path("RS.dcm"),
+    )
+    result = deface_structures(ss, _region(ss), 2.0)
+    (change,) = result.changes
+    assert change.volume_before_ml == pytest.approx(3 * 100 * 4 / 1000, rel=1e-12)
+    assert change.volume_after_ml == pytest.approx(2 * 100 * 2 / 1000, rel=1e-12)
+    assert (change.planes_changed, change.contours_before, change.contours_after) == (1, 3, 2)
