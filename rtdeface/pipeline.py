@@ -33,7 +33,7 @@ from rtdeface.landmarks import (
     landmarks_from_rois,
     select_eye_rois,
 )
-from rtdeface.load import Case, RawContours, StructureSet
+from rtdeface.load import Case, StructureSet
 from rtdeface.region import (
     DefacingRegion,
     RoiSections,
@@ -201,14 +201,16 @@ class StructuresJob:
             t = time.perf_counter()
             clip, scan = self._call.result()
             raw = self._structure_set.raw_contours
+            value = clip.roi_contours(raw)
             if scan is not None and raw is not None:
                 codec = raw.codec
-                self.scanned = (_written_contours(raw, clip), codec.implicit, codec.little, scan)
+                written = raw.value if value is None else value
+                self.scanned = (written, codec.implicit, codec.little, scan)
             if timings is not None:
                 timings["structures"] = clip.seconds
                 if forked:
                     timings["structures_wait"] = time.perf_counter() - t
-            self._result = apply_clip(self._structure_set, clip)
+            self._result = apply_clip(self._structure_set, clip, value)
         return self._result
 
     def cancel(self) -> None:
@@ -225,13 +227,9 @@ def _clip_and_scan(
     raw = structure_set.raw_contours
     if raw is None:
         return clip, None
-    value = _written_contours(raw, clip)
-    return clip, scan_raw_sequence(value, raw.codec.implicit, raw.codec.little)
-
-
-def _written_contours(raw: RawContours, clip: StructuresClip) -> bytes:
-    """The ROIContourSequence value the defaced structure set holds."""
-    return raw.value if clip.roi_contours is None else clip.roi_contours
+    value = clip.roi_contours(raw)
+    written = raw.value if value is None else value
+    return clip, scan_raw_sequence(written, raw.codec.implicit, raw.codec.little)
 
 
 HuProvider = Callable[[], npt.NDArray[np.float32]]

@@ -328,8 +328,9 @@ class StructuresClip:
     ----------
     changes : tuple of RoiChange
         One per input ROI, in StructureSetROISequence order.
-    roi_contours : bytes or None
-        The new value of the ROIContourSequence (None: unchanged).
+    rebuilt : dict of int to bytes
+        New bytes of the ROIContourSequence items the cut changed, by item index (only
+        these, not the whole value, so the answer of a child process stays small).
     removed_numbers : frozenset of int
         ROIs left without any contour.
     seconds : float
@@ -337,9 +338,21 @@ class StructuresClip:
     """
 
     changes: tuple[RoiChange, ...]
-    roi_contours: bytes | None
+    rebuilt: dict[int, bytes]
     removed_numbers: frozenset[int]
     seconds: float = 0.0
+
+    def roi_contours(self, raw: RawContours | None) -> bytes | None:
+        """The new value of the ROIContourSequence of ``raw`` (None: unchanged): rebuilt
+        items in place of the old ones, items of removed ROIs left out, the rest as read."""
+        if raw is None or not (self.rebuilt or self.removed_numbers):
+            return None
+        parts = []
+        for index, (item, number) in enumerate(zip(raw.roi_items, raw.numbers, strict=True)):
+            if number in self.removed_numbers:
+                continue
+            parts.append(self.rebuilt.get(index, raw.value[item.start : item.end]))
+        return b"".join(parts)
 
 
 def deface_structures(
@@ -363,13 +376,18 @@ def deface_structures(
     return apply_clip(structure_set, clip_structures(structure_set, region, default_thickness_mm))
 
 
-def apply_clip(structure_set: StructureSet, clip: StructuresClip) -> StructuresResult:
-    """The defaced structure set: a copy of ``structure_set.dataset`` with ``clip`` applied."""
+def apply_clip(
+    structure_set: StructureSet, clip: StructuresClip, roi_contours: bytes | None = None
+) -> StructuresResult:
+    """The defaced structure set: a copy of ``structure_set.dataset`` with ``clip`` applied
+    (``roi_contours``: ``clip.roi_contours(...)`` when the caller has it already)."""
     ds = copy_dataset(structure_set.dataset)
     raw = structure_set.raw_contours
-    if raw is not None and clip.roi_contours is not None:
+    if roi_contours is None:
+        roi_contours = clip.roi_contours(raw)
+    if raw is not None and roi_contours is not None:
         ds[ROI_CONTOUR_SEQUENCE_TAG] = rawseq.raw_sequence_element(
-            ROI_CONTOUR_SEQUENCE_TAG, clip.roi_contours, raw.codec
+            ROI_CONTOUR_SEQUENCE_TAG, roi_contours, raw.codec
         )
     if clip.removed_numbers:
         _remove_rois(ds, set(clip.removed_numbers))
@@ -450,16 +468,8 @@ def clip_structures(
                 removed,
             )
         )
-    roi_contours = None
-    if raw is not None and (rebuilt or removed_numbers):
-        parts = []
-        for index, (item, number) in enumerate(zip(raw.roi_items, raw.numbers)):
-            if number in removed_numbers:
-                continue
-            parts.append(rebuilt.get(index, raw.value[item.start : item.end]))
-        roi_contours = b"".join(parts)
     return StructuresClip(
-        tuple(changes), roi_contours, frozenset(removed_numbers), time.perf_counter() - t0
+        tuple(changes), rebuilt, frozenset(removed_numbers), time.perf_counter() - t0
     )
 
 

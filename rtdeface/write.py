@@ -152,22 +152,26 @@ def _set_derived(ds: Dataset, cache: dict[tuple[object, ...], RawDataElement]) -
     For a dataset read from a file the three elements are encoded once per value and encoding
     and shared (raw elements are immutable), so they are written without re-encoding.
     """
-    image_type = derived_image_type(peek(ds, "ImageType"))
-    elements = [
-        DataElement(0x00080008, "CS", image_type),
-        DataElement(0x00082111, "ST", DERIVATION_DESCRIPTION),
-        DataElement(0x00280302, "CS", "NO"),
-    ]
     form = raw_form(ds)
-    for elem in elements:
-        if form is None:
-            ds[elem.tag] = elem
-            continue
-        key = (int(elem.tag), tuple(image_type) if elem.tag == 0x00080008 else None, form)
-        raw = cache.get(key)
+    old = ds.get_item(0x00080008)
+    if form is not None and isinstance(old, RawDataElement) and isinstance(old.value, bytes):
+        source: object = ("raw", old.value)  # the slices of a series share these bytes
+    else:
+        source = tuple(derived_image_type(peek(ds, "ImageType")))
+    for tag, vr in ((0x00080008, "CS"), (0x00082111, "ST"), (0x00280302, "CS")):
+        key = (tag, source if tag == 0x00080008 else None, form)
+        raw = cache.get(key) if form is not None else None
         if raw is None:
+            if tag == 0x00080008:
+                value: object = derived_image_type(peek(ds, "ImageType"))
+            else:
+                value = DERIVATION_DESCRIPTION if tag == 0x00082111 else "NO"
+            elem = DataElement(tag, vr, value)
+            if form is None:
+                ds[tag] = elem
+                continue
             raw = cache[key] = encode_raw(elem, form)
-        ds[elem.tag] = raw
+        ds[tag] = raw
 
 
 def derived_image_type(value: object) -> list[str]:
