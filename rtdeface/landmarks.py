@@ -180,7 +180,7 @@ def _planes(contours: Sequence[Contour]) -> dict[float, list[Contour]]:
     return planes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ClosedPlanes:
     """The closed planar contours of one ROI grouped by plane, with each plane's area.
 
@@ -194,7 +194,7 @@ class ClosedPlanes:
     z_mm : numpy.ndarray, shape (n_planes,)
         Plane z (mm): the mean of its contours' mean z.
     area_mm2 : numpy.ndarray, shape (n_planes,)
-        The even-odd area of each plane's contours (:func:`plane_area_mm2`).
+        The even-odd area of each plane's contours.
     default_thickness_mm : float
         Slab thickness used when there is only one plane.
     """
@@ -205,34 +205,27 @@ class ClosedPlanes:
     area_mm2: npt.NDArray[np.float64]
     default_thickness_mm: float
 
-    def volume_ml(self, replaced: dict[int, float | None] | None = None) -> float:
-        """Volume (mL): the planes' areas times the median plane spacing.
-
-        ``replaced`` maps plane index -> its new area (mm^2), or None for a plane left with no
-        contour (it no longer counts, for the area or the spacing).
-        """
-        z, area = self.z_mm, self.area_mm2
-        if replaced:
-            keep = np.ones(len(z), dtype=bool)
-            area = area.copy()
-            for i, new in replaced.items():
-                if new is None:
-                    keep[i] = False
-                else:
-                    area[i] = new
-            z, area = z[keep], area[keep]
-        if z.size == 0:
+    def volume_ml(self) -> float:
+        """Volume (mL): the planes' areas (summed in plane order) times the median plane
+        spacing (:attr:`default_thickness_mm` for a single plane)."""
+        if self.z_mm.size == 0:
             return 0.0
+        z = self.z_mm
         thickness = float(np.median(np.diff(z))) if z.size > 1 else self.default_thickness_mm
-        return float(sum(area.tolist()) * thickness / 1000.0)  # summed in plane order
+        return float(sum(self.area_mm2.tolist()) * thickness / 1000.0)
 
 
-def closed_planes(contours: Sequence[Contour], default_thickness_mm: float) -> ClosedPlanes:
+def closed_planes(
+    contours: Sequence[Contour], default_thickness_mm: float, known: ClosedPlanes | None = None
+) -> ClosedPlanes:
     """Group the closed planar contours of ``contours`` by plane and measure every plane.
 
-    Vectorised: all rings are built and checked in one shapely call each; planes with one
-    valid contour take its area, others go through :func:`even_odd_area` (invalid contours
-    are repaired first with :func:`rtdeface.region.polygon_from_points`).
+    Vectorised: the rings that need measuring are built and checked in one shapely call
+    each; planes with one valid contour take its area, others go through
+    :func:`even_odd_area` (invalid contours are repaired first with
+    :func:`rtdeface.region.polygon_from_points`). A plane made of the very same contour
+    objects, in the same order, as a plane of ``known`` takes that plane's area (e.g. the
+    planes the cut left alone, measured before it): the result is the same as measuring it.
     """
     closed = tuple(c for c in contours if c.geometric_type == "CLOSED_PLANAR")
     if not closed:
@@ -242,39 +235,44 @@ def closed_planes(contours: Sequence[Contour], default_thickness_mm: float) -> C
     flat = np.concatenate([c.points_lps_mm for c in closed])
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     zs = np.add.reduceat(flat[:, 2], starts) / lengths
-    groups = group_planes(zs.tolist())
-    plane_z = np.asarray([float(np.mean(zs[g])) for g in groups], dtype=np.float64)
-    ringable = lengths >= 3
+    groups = [tuple(g) for g in group_planes(zs.tolist())]
+    plane_z = np.asarray([float(np.mean(zs[list(g)])) for g in groups], dtype=np.float64)
+    areas = np.full(len(groups), np.nan, dtype=np.float64)
+    if known is not None:
+        by_members = {
+            tuple(id(known.contours[i]) for i in g): a
+            for g, a in zip(known.groups, known.area_mm2.tolist(), strict=True)
+        }
+        for n, g in enumerate(groups):
+            found = by_members.get(tuple(id(closed[i]) for i in g))
+            if found is not None:
+                areas[n] = found
+    todo = [n for n in range(len(groups)) if np.isnan(areas[n])]
+    need = sorted({i for n in todo for i in groups[n]})
     polys = np.full(len(closed), None, dtype=object)
-    if ringable.any():
-        keep = np.repeat(ringable, lengths)
-        index = np.repeat(np.arange(len(closed)), lengths)[keep]
-        rings = shapely.linearrings(flat[keep][:, :2], indices=index)
-        polys[ringable] = shapely.polygons(rings)
     valid = np.zeros(len(closed), dtype=bool)
-    valid[ringable] = shapely.is_valid(polys[ringable].astype(object))
+    ringable = np.asarray([i for i in need if lengths[i] >= 3], dtype=np.int64)
+    if ringable.size:
+        keep = np.zeros(len(closed), dtype=bool)
+        keep[ringable] = True
+        points = flat[np.repeat(keep, lengths)][:, :2]
+        index = np.repeat(np.arange(ringable.size), lengths[ringable])  # 0..n-1, no gaps
+        polys[ringable] = shapely.polygons(shapely.linearrings(points, indices=index))
+        valid[ringable] = shapely.is_valid(polys[ringable].astype(object))
 
     def polygon(i: int) -> BaseGeometry:
         if valid[i]:
             return polys[i]
         return polygon_from_points(closed[i].points_lps_mm)
 
-    areas = np.empty(len(groups), dtype=np.float64)
-    for n, g in enumerate(groups):
+    for n in todo:
+        g = groups[n]
         if len(g) == 1:
             i = g[0]
             areas[n] = float(shapely.area(polys[i])) if valid[i] else polygon(i).area
         else:
             areas[n] = even_odd_area([polygon(i) for i in g])
-    return ClosedPlanes(
-        closed, tuple(tuple(g) for g in groups), plane_z, areas, default_thickness_mm
-    )
-
-
-def plane_area_mm2(points: Sequence[npt.NDArray[np.float64]]) -> float:
-    """The even-odd area (mm^2) of one plane's closed contours given as point arrays (n, 3),
-    invalid contours repaired first, as in :func:`closed_planes`."""
-    return even_odd_area([polygon_from_points(p) for p in points])
+    return ClosedPlanes(closed, tuple(groups), plane_z, areas, default_thickness_mm)
 
 
 def closed_volume_ml(contours: Sequence[Contour], default_thickness_mm: float) -> float:

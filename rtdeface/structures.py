@@ -25,7 +25,7 @@ from shapely.geometry import LineString, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from rtdeface import rawseq
-from rtdeface.landmarks import closed_planes, plane_area_mm2
+from rtdeface.landmarks import closed_planes
 from rtdeface.load import (
     CONTOUR_DATA_TAG,
     CONTOUR_GEOMETRIC_TYPE_TAG,
@@ -418,7 +418,6 @@ def clip_structures(
         replacement: dict[int, list[NewContour]] = {}  # first item index of a group -> new
         dropped: set[int] = set()
         planes_changed = 0
-        new_areas: dict[int, float | None] = {}  # plane -> area after (None: no contour left)
         for plane, group in enumerate(planes.groups):
             z = float(planes.z_mm[plane])
             cut = region.cut_at(z)
@@ -429,7 +428,6 @@ def clip_structures(
             if new is None:
                 continue
             planes_changed += 1
-            new_areas[plane] = plane_area_mm2([nc.points_lps_mm() for nc in new]) if new else None
             idxs = sorted(c.item_index for c in group_contours)
             replacement[idxs[0]] = new
             dropped.update(idxs[1:])
@@ -450,7 +448,19 @@ def clip_structures(
             i: replacement.get(i) for i in range(n_items) if i not in dropped
         }
         rebuilt[index], n_after = _rebuild_roi_item(raw, index, kept, empty)
-        vol_after = planes.volume_ml(new_areas)
+        by_index = {c.item_index: c for c in roi.contours}
+        after = []
+        for i in sorted(kept):
+            if i in empty:
+                continue
+            if kept[i] is None:
+                after.append(by_index[i])
+            else:
+                after.extend(
+                    Contour(nc.geometric_type, nc.points_lps_mm(), -1) for nc in kept[i] or []
+                )
+        # the contours as written, measured afresh; planes the cut left alone keep their area
+        vol_after = closed_planes(after, default_thickness_mm, known=planes).volume_ml()
         removed = n_after == 0
         if removed:
             removed_numbers.add(roi.number)
@@ -476,7 +486,8 @@ def clip_structures(
 def _remove_rois(ds: Dataset, numbers: set[int]) -> None:
     """Remove ROIs from the two small ROI sequences (matched through ROINumber, not position).
 
-    ROIContourSequence items are dropped when it is rebuilt (:func:`deface_structures`).
+    ROIContourSequence items are dropped when its value is rebuilt
+    (:meth:`StructuresClip.roi_contours`).
     """
     ds.StructureSetROISequence = DicomSequence(
         [s for s in ds.StructureSetROISequence if int(s.ROINumber) not in numbers]

@@ -113,21 +113,12 @@ def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
     data = np.ascontiguousarray(arr.astype(dtype, copy=False))
     ts = ds.file_meta.TransferSyntaxUID
     if not ts.is_compressed:
-        old = ds.get_item(0x7FE00010)
-        if (
-            isinstance(old, RawDataElement)
-            and isinstance(old.value, bytes)
-            and data.nbytes % 2 == 0
-        ):
-            # still raw, as read: the element takes the array's own memory as its value (no
-            # copy), which the writers pass to the file as it is
-            view = memoryview(data).cast("B")
-            ds[0x7FE00010] = old._replace(value=view, length=len(view))
-            return
         value = data.tobytes()
         if len(value) % 2:  # an odd number of 8-bit pixels: padded to even length (PS3.5 8.1.1)
             value += b"\x00"
+        old = ds.get_item(0x7FE00010)
         if isinstance(old, RawDataElement) and isinstance(old.value, bytes):
+            # still raw, as read: the writer then passes the new bytes to the file as they are
             ds[0x7FE00010] = old._replace(value=value, length=len(value))
         else:
             ds.PixelData = value
@@ -154,16 +145,23 @@ def _set_derived(ds: Dataset, cache: dict[tuple[object, ...], RawDataElement]) -
     """
     form = raw_form(ds)
     old = ds.get_item(0x00080008)
-    if form is not None and isinstance(old, RawDataElement) and isinstance(old.value, bytes):
-        source: object = ("raw", old.value)  # the slices of a series share these bytes
-    else:
-        source = tuple(derived_image_type(peek(ds, "ImageType")))
+    raw_type = (  # the slices of a series share these bytes: the key, without converting them
+        old.value
+        if form is not None and isinstance(old, RawDataElement) and isinstance(old.value, bytes)
+        else None
+    )
+    image_type = None if raw_type is not None else derived_image_type(peek(ds, "ImageType"))
     for tag, vr in ((0x00080008, "CS"), (0x00082111, "ST"), (0x00280302, "CS")):
-        key = (tag, source if tag == 0x00080008 else None, form)
+        source: object = None
+        if tag == 0x00080008:
+            source = raw_type if raw_type is not None else tuple(image_type or ())
+        key = (tag, source, form)
         raw = cache.get(key) if form is not None else None
         if raw is None:
             if tag == 0x00080008:
-                value: object = derived_image_type(peek(ds, "ImageType"))
+                if image_type is None:
+                    image_type = derived_image_type(peek(ds, "ImageType"))
+                value: object = image_type
             else:
                 value = DERIVATION_DESCRIPTION if tag == 0x00082111 else "NO"
             elem = DataElement(tag, vr, value)

@@ -11,6 +11,7 @@ from pydicom.sequence import Sequence
 from shapely.geometry import Polygon
 
 from rtdeface.geometry import Grid, affine_from_attributes
+from rtdeface.landmarks import closed_volume_ml
 from rtdeface.load import contour_data_array, parse_structure_set
 from rtdeface.region import DefacingRegion, RoiSections, select_preserved
 from rtdeface.structures import deface_structures
@@ -206,3 +207,36 @@ def test_volume_after_drops_a_plane_left_empty_from_the_spacing() -> None:
     assert change.volume_before_ml == pytest.approx(3 * 100 * 4 / 1000, rel=1e-12)
     assert change.volume_after_ml == pytest.approx(2 * 100 * 2 / 1000, rel=1e-12)
     assert (change.planes_changed, change.contours_before, change.contours_after) == (1, 3, 2)
+
+
+def test_volume_after_equals_the_written_contours_on_inexact_and_merging_planes() -> None:
+    # z 2.4 and 4.8 are not exact in binary (written as "2.4"); contours at z 3.0 and 3.04
+    # form one plane (z 3.02) whose cut moves the next contour (z 3.06) into it; a closed
+    # contour of 2 points (a degenerate one) sits before the others
+    def at(z: float, x0: float = -5) -> tuple[str, list[float]]:
+        return ("CLOSED_PLANAR", square(x0, -40, x0 + 10, 20, z))
+
+    ss = parse_structure_set(
+        make_rtstruct(
+            {
+                "Odd": (
+                    "ORGAN",
+                    [
+                        ("CLOSED_PLANAR", [0, 0, 2.4, 1, 1, 2.4]),
+                        at(2.4),
+                        at(3.0),
+                        at(3.04, 20),
+                        at(3.06, -30),
+                        at(4.8),
+                    ],
+                )
+            }
+        ),
+        Path("RS.dcm"),
+    )
+    result = deface_structures(ss, _region(ss), 2.0)
+    (change,) = result.changes
+    written = parse_structure_set(result.dataset, Path("out.dcm")).rois[0].contours
+    assert change.planes_changed > 0
+    assert change.volume_after_ml == closed_volume_ml(written, 2.0)
+    assert change.volume_before_ml == closed_volume_ml(ss.rois[0].contours, 2.0)
