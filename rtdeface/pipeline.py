@@ -33,7 +33,7 @@ from rtdeface.landmarks import (
     landmarks_from_rois,
     select_eye_rois,
 )
-from rtdeface.load import Case, StructureSet
+from rtdeface.load import Case, RawContours, StructureSet
 from rtdeface.region import (
     DefacingRegion,
     RoiSections,
@@ -204,7 +204,7 @@ class StructuresJob:
             value = clip.roi_contours(raw)
             if scan is not None and raw is not None:
                 codec = raw.codec
-                written = raw.value if value is None else value
+                written = _written_contours(raw, value)
                 self.scanned = (written, codec.implicit, codec.little, scan)
             if timings is not None:
                 timings["structures"] = clip.seconds
@@ -227,9 +227,14 @@ def _clip_and_scan(
     raw = structure_set.raw_contours
     if raw is None:
         return clip, None
-    value = clip.roi_contours(raw)
-    written = raw.value if value is None else value
+    written = _written_contours(raw, clip.roi_contours(raw))
     return clip, scan_raw_sequence(written, raw.codec.implicit, raw.codec.little)
+
+
+def _written_contours(raw: RawContours, value: bytes | None) -> bytes:
+    """The ROIContourSequence value the defaced structure set holds (``value``: the
+    rebuilt one, None when the clipping left the sequence unchanged)."""
+    return raw.value if value is None else value
 
 
 HuProvider = Callable[[], npt.NDArray[np.float32]]
