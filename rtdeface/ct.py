@@ -82,12 +82,11 @@ def deface_ct(
         ds = ct.datasets[k]
         air = stored_value_for_hu(ds, AIR_HU)
         air_first = air if air_first is None else air_first
-        stored = ct.stored_slice(k)
+        stored = ct.stored_slice(k, writable=True)  # this function's own array
         n = int(np.count_nonzero(stored[mask] != air))
         if n == 0:
             continue
-        new = stored.copy()
-        new[mask] = air
-        out[k] = new
+        stored[mask] = air
+        out[k] = stored
         changed += n
     return CtResult(out, in_cut, changed, air_first)

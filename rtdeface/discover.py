@@ -26,6 +26,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator
 
 from rtdeface.errors import InputError
 from rtdeface.uids import dictionary_vr
@@ -220,8 +221,14 @@ def iter_files(root: Path) -> list[Path]:
     return out
 
 
-def read_dicom(path: Path, *, header_only: bool) -> Dataset | None:
+def read_dicom(path: Path, *, header_only: bool, defer_pixels: bool = False) -> Dataset | None:
     """Read one file; None when it is not DICOM at all (a text file, a DICOMDIR).
+
+    With ``defer_pixels`` (and not ``header_only``), uncompressed pixel data that end the
+    file are not read: the PixelData element is kept as pydicom's deferred element (value
+    None, see :func:`deferred_pixel_data`), read on use with :func:`read_deferred` or through
+    pydicom, and written by :func:`rtdeface.write.write_dicom` straight from the file. The
+    other elements are those of a full read.
 
     Raises
     ------
@@ -230,7 +237,10 @@ def read_dicom(path: Path, *, header_only: bool) -> Dataset | None:
     """
     remedy = "re-export it or remove it from the input"
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+        if defer_pixels and not header_only:
+            ds = _read_deferring_pixels(path)
+        else:
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only)
     except InvalidDicomError:
         return None
     except Exception as exc:  # pydicom raises many types on truncated/corrupt input
@@ -258,6 +268,138 @@ def read_dicom(path: Path, *, header_only: bool) -> Dataset | None:
 UNDEFINED_LENGTH = 0xFFFFFFFF
 """Value length of DICOM elements with undefined length (delimited sequences, encapsulated)."""
 
+PIXEL_DATA_TAG = 0x7FE00010
+
+DEFER_PIXELS_MIN_BYTES = 16384
+"""Pixel data shorter than this are read with the header (deferring them saves nothing)."""
+
+
+DEFERRED_PIXELS_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2"})
+"""SOP classes whose pixel data :func:`read_dicom` may defer: CT Image Storage (the slices
+that are written unchanged; every other object is read whole)."""
+
+
+def _read_deferring_pixels(path: Path) -> Dataset:
+    """``pydicom.dcmread(path)``, with the PixelData element of a CT slice deferred when it
+    holds defined-length (uncompressed) data of at least :data:`DEFER_PIXELS_MIN_BYTES` and
+    ends the file; any other file (another SOP class, encapsulated or small pixel data,
+    elements after the pixel data, a deflated transfer syntax, a short file) is read whole."""
+    with open(path, "rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        meta = ds.__dict__.get("file_meta")
+        ts = meta.get("TransferSyntaxUID") if meta is not None else None
+        start, size = fp.tell(), os.fstat(fp.fileno()).st_size
+        implicit, little = ds.original_encoding
+        if start < size and _deferrable(ds, ts, implicit, little):
+            elements = data_element_generator(
+                fp, bool(implicit), bool(little), defer_size=DEFER_PIXELS_MIN_BYTES - 1
+            )
+            elem = next(elements, None)
+            if (
+                isinstance(elem, RawDataElement)
+                and elem.tag == PIXEL_DATA_TAG
+                and elem.value is None
+                and elem.length != UNDEFINED_LENGTH
+                and elem.length % 2 == 0
+                and (implicit or elem.VR in ("OB", "OW"))
+                and fp.tell() == size == elem.value_tell + elem.length
+            ):
+                ds[elem.tag] = elem
+                return ds
+        if start >= size:
+            return ds  # no pixel data: the header is the whole file
+        fp.seek(0)
+        return pydicom.dcmread(fp)
+
+
+def _deferrable(ds: Dataset, ts: Any, implicit: bool | None, little: bool | None) -> bool:
+    """Whether the pixel data of ``ds`` (a header read) may be deferred: a CT slice in an
+    uncompressed little-endian syntax that it is encoded in, whose stored values need no
+    conversion (8, 16 or 32 bits allocated, one sample, no sign extension). These are the
+    slices that :func:`rtdeface.load.native_pixels` reads and
+    :func:`rtdeface.write.write_dicom` copies themselves; every other file is read whole."""
+    if (
+        peek_str(ds, "SOPClassUID") not in DEFERRED_PIXELS_SOP_CLASSES
+        or ts is None
+        or not ts.is_transfer_syntax
+        or ts.is_compressed
+        or ts.is_deflated
+        or not ts.is_little_endian
+        or (implicit, little) != (ts.is_implicit_VR, True)
+    ):
+        return False
+    bits = peek_uint(ds, "BitsAllocated")
+    signed = peek_uint(ds, "PixelRepresentation") == 1
+    return (
+        bits in (8, 16, 32)
+        and peek_uint(ds, "SamplesPerPixel") in (None, 1)
+        and (not signed or peek_uint(ds, "BitsStored") in (None, bits))
+    )
+
+
+def deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
+    """The PixelData element of ``ds`` when its value was deferred (see :func:`read_dicom`)."""
+    elem = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True) if PIXEL_DATA_TAG in ds else None
+    if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+        return elem
+    return None
+
+
+def deferred_source(ds: Dataset) -> tuple[Path, float | None]:
+    """(file, modification time when read) that the deferred values of ``ds`` come from.
+
+    Raises
+    ------
+    InputError
+        ``ds`` was not read from a file.
+    """
+    filename = ds.__dict__.get("filename")
+    if not filename:
+        raise InputError("a deferred pixel data element has no source file; read it again")
+    return Path(filename), ds.__dict__.get("timestamp")
+
+
+def read_deferred(
+    path: Path, elem: RawDataElement, timestamp: float | None, *, writable: bool = False
+) -> bytes | bytearray:
+    """The value of a deferred element, read from ``path`` (checked unchanged since); a new
+    ``bytearray`` with ``writable``.
+
+    Raises
+    ------
+    InputError
+        The file changed (size or modification time) since it was read, or cannot be read.
+    """
+    try:
+        with open(path, "rb") as fh:
+            check_unchanged(path, os.fstat(fh.fileno()), elem, timestamp)
+            fh.seek(elem.value_tell)
+            if writable:
+                value: bytes | bytearray = bytearray(elem.length)
+                n = fh.readinto(value)
+            else:
+                value = fh.read(elem.length)
+                n = len(value)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read its pixel data ({exc.strerror}); rerun") from exc
+    if n != elem.length:
+        raise InputError(f"{path}: the file changed while rtdeface was reading it; rerun")
+    return value
+
+
+def check_unchanged(
+    path: Path, stat: os.stat_result, elem: RawDataElement, timestamp: float | None
+) -> None:
+    """Raise an InputError when a file no longer matches its deferred element ``elem`` (it
+    ended the file, modified at ``timestamp``)."""
+    if stat.st_size != elem.value_tell + elem.length or (
+        timestamp is not None and stat.st_mtime != timestamp
+    ):
+        raise InputError(
+            f"{path}: the file changed while rtdeface was reading it; rerun when no other "
+            "program writes to the input"
+        )
+
 
 def _truncated_element(ds: Dataset) -> str:
     """Describe the first top-level element whose value is shorter than its declared length.
@@ -269,7 +411,7 @@ def _truncated_element(ds: Dataset) -> str:
     """
     keys = list(ds.keys())
     for tag in keys[-1:]:
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)  # a deferred value was checked on reading
         if (
             isinstance(elem, RawDataElement)
             and elem.length != UNDEFINED_LENGTH
@@ -430,12 +572,14 @@ def _index_one(path: Path) -> FileRecord | str | None:
     return _read_one(path, header_only=True)[0]
 
 
-def _read_one(path: Path, *, header_only: bool) -> tuple[FileRecord | str | None, Dataset | None]:
+def _read_one(
+    path: Path, *, header_only: bool, defer_pixels: bool = False
+) -> tuple[FileRecord | str | None, Dataset | None]:
     """:func:`_index_one` and the dataset read (None unless the file is a DICOM object)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = read_dicom(path, header_only=header_only)
+            ds = read_dicom(path, header_only=header_only, defer_pixels=defer_pixels)
             if ds is not None:
                 return classify(ds, path), ds
             with open(path, "rb") as fh:
@@ -473,7 +617,8 @@ def index_tree(root: Path, jobs: int | None = None, keep_datasets_bytes: int = 0
     keep_datasets_bytes : int
         When the files below ``root`` add up to at most this many bytes, read each file whole,
         once, in this process, and keep the datasets in :attr:`TreeIndex.datasets` (a single
-        case is then never read twice) [default 0: headers only].
+        case is then never read twice; uncompressed pixel data are deferred, see
+        :func:`read_dicom`) [default 0: headers only].
 
     Raises
     ------
@@ -513,7 +658,7 @@ def _read_small_tree(root: Path, paths: Sequence[Path], limit: int) -> TreeIndex
             continue
         if total > limit:
             return None
-    pairs = [_read_one(p, header_only=False) for p in paths]
+    pairs = [_read_one(p, header_only=False, defer_pixels=True) for p in paths]
     datasets = {p: ds for p, (_, ds) in zip(paths, pairs) if ds is not None}
     index = _tree_index(root, paths, [res for res, _ in pairs])
     return dataclasses.replace(index, datasets=datasets)

@@ -30,11 +30,13 @@ from rtdeface.discover import (
     FileRecord,
     assemble_single_case,
     classify,
+    deferred_pixel_data,
     iter_files,
     peek,
     peek_floats,
     peek_str,
     peek_uint,
+    read_deferred,
     read_dicom,
 )
 from rtdeface.errors import DicomReferenceError, GeometryError, InputError
@@ -65,6 +67,9 @@ def copy_dataset(ds: Dataset) -> Dataset:
     """
     new = Dataset(_copy_elements(ds))
     new.is_undefined_length_sequence_item = ds.is_undefined_length_sequence_item
+    for name in _SOURCE_ATTRIBUTES:  # deferred values (pixel data) still resolve on the copy
+        if name in ds.__dict__:
+            object.__setattr__(new, name, ds.__dict__[name])
     if "file_meta" in ds.__dict__ and ds.file_meta is not None:
         meta = FileMetaDataset()
         meta.update(_copy_elements(ds.file_meta))
@@ -75,9 +80,13 @@ def copy_dataset(ds: Dataset) -> Dataset:
     return new
 
 
+_SOURCE_ATTRIBUTES = ("filename", "timestamp", "fileobj_type", "buffer")
+"""Attributes of a dataset read from a file that pydicom reads deferred values with."""
+
+
 def _copy_elements(ds: Dataset) -> dict[BaseTag, DataElement | RawDataElement]:
     elements: dict[BaseTag, DataElement | RawDataElement] = {}
-    for tag, elem in list(ds.items()):  # raw elements as stored (rtdeface never defers reads)
+    for tag, elem in list(ds.items()):  # raw elements as stored (deferred ones stay deferred)
         if isinstance(elem, RawDataElement):
             elements[tag] = elem
         elif elem.VR == "SQ":
@@ -157,33 +166,27 @@ class CtSeries:
     series_instance_uid: str
     frame_of_reference_uid: str
 
-    def stored_slice(self, k: int) -> npt.NDArray[np.integer]:
+    def stored_slice(self, k: int, *, writable: bool = False) -> npt.NDArray[np.integer]:
         """Stored pixel values of slice k, shape (ni, nj), dtype from PixelRepresentation.
 
         Uncompressed little-endian data whose values need no sign extension are viewed
-        straight from the PixelData bytes (read-only); everything else goes through pydicom.
+        straight from the PixelData bytes (read-only) or read from the file (deferred pixel
+        data, see :func:`rtdeface.discover.read_dicom`: read for each call, never kept);
+        everything else goes through pydicom. With ``writable``, the array is the caller's
+        own (read into a new buffer, or copied).
+
+        Raises
+        ------
+        InputError
+            The pixel data cannot be decoded, or their file changed since it was read.
         """
         ds = self.datasets[k]  # header values read without converting the stored elements
-        bits = peek_uint(ds, "BitsAllocated") or 0
-        signed = peek_uint(ds, "PixelRepresentation") == 1
-        samples = peek_uint(ds, "SamplesPerPixel")
-        stored_bits = peek_uint(ds, "BitsStored")
-        if (
-            not ds.file_meta.TransferSyntaxUID.is_compressed
-            and ds.file_meta.TransferSyntaxUID.is_little_endian
-            and bits in (8, 16, 32)
-            and samples in (None, 1)
-            and (not signed or stored_bits in (None, bits))
-            and "PixelData" in ds
-        ):
-            dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-            shape = (peek_uint(ds, "Rows") or 0, peek_uint(ds, "Columns") or 0)
-            elem = ds.get_item(0x7FE00010)
-            buf = elem.value if isinstance(elem, RawDataElement) else ds.PixelData
-            n = shape[0] * shape[1] * dtype.itemsize
-            if n and isinstance(buf, bytes) and len(buf) >= n:
-                return np.frombuffer(buf, dtype=dtype, count=shape[0] * shape[1]).reshape(shape)
-        return decode_pixels(ds, self.paths[k])
+        arr = native_pixels(ds, self.paths[k], writable=writable)
+        if arr is None:
+            arr = decode_pixels(ds, self.paths[k])
+            return arr.copy() if writable else arr
+        first: npt.NDArray[np.integer] = arr[0]  # the first frame (a CT slice has one)
+        return first
 
     def rescale(self, k: int) -> tuple[float, float]:
         """(RescaleSlope, RescaleIntercept) of slice k (defaults 1, 0)."""
@@ -303,8 +306,16 @@ class DoseGrid:
     path: Path
 
     def stored(self) -> npt.NDArray[np.integer]:
-        """Stored dose values, shape (nk, ni, nj), dtype as the header declares."""
-        return decode_pixels(self.dataset, self.path).reshape(self.grid.shape)
+        """Stored dose values, shape (nk, ni, nj), dtype as the header declares (uncompressed
+        little-endian data that use every allocated bit are viewed read-only from the
+        PixelData bytes; pydicom decodes the rest, masking unused high bits)."""
+        ds = self.dataset
+        arr = None
+        if peek_uint(ds, "BitsStored") in (None, peek_uint(ds, "BitsAllocated")):
+            arr = native_pixels(ds, self.path)
+        if arr is None:
+            arr = decode_pixels(ds, self.path)
+        return arr.reshape(self.grid.shape)
 
     @property
     def scaling(self) -> float:
@@ -334,6 +345,64 @@ class Case:
     doses: tuple[DoseGrid, ...]
     plans: tuple[tuple[Path, Dataset], ...]
     ignored: tuple[Path, ...] = ()
+
+
+def native_pixels(
+    ds: Dataset, path: Path, *, writable: bool = False
+) -> npt.NDArray[np.integer] | None:
+    """The stored values of uncompressed little-endian pixel data that need no conversion
+    (8, 16 or 32 bits allocated, one sample, no sign extension), shape (frames, rows,
+    columns); None for anything else (decode it with :func:`decode_pixels`).
+
+    The array is a read-only view of the PixelData bytes; deferred pixel data (see
+    :func:`rtdeface.discover.read_dicom`) are read from ``path`` into a new buffer. With
+    ``writable`` the array is the caller's own (read into a new buffer, or copied).
+
+    Raises
+    ------
+    InputError
+        The file of deferred pixel data changed since it was read.
+    """
+    meta = ds.__dict__.get("file_meta")
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    bits = peek_uint(ds, "BitsAllocated") or 0
+    signed = peek_uint(ds, "PixelRepresentation") == 1
+    stored_bits = peek_uint(ds, "BitsStored")
+    if (
+        ts is None
+        or ts.is_compressed
+        or not ts.is_little_endian
+        or bits not in (8, 16, 32)
+        or peek_uint(ds, "SamplesPerPixel") not in (None, 1)
+        or (signed and stored_bits not in (None, bits))
+        or 0x7FE00010 not in ds
+    ):
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    rows, cols = peek_uint(ds, "Rows") or 0, peek_uint(ds, "Columns") or 0
+    frames_text = peek_str(ds, "NumberOfFrames") or "1"
+    try:
+        frames = int(frames_text)
+    except ValueError:
+        return None
+    count = rows * cols * max(frames, 1)
+    if count == 0:
+        return None
+    deferred = deferred_pixel_data(ds)
+    if deferred is not None:  # read now, not kept: the input dataset stays as it is
+        if deferred.length < count * dtype.itemsize:
+            return None
+        buf = read_deferred(path, deferred, ds.__dict__.get("timestamp"), writable=writable)
+        arr = np.frombuffer(buf, dtype=dtype, count=count)
+    else:
+        elem = ds.get_item(0x7FE00010)
+        value = elem.value if isinstance(elem, RawDataElement) else ds.PixelData
+        if not isinstance(value, bytes) or len(value) < count * dtype.itemsize:
+            return None
+        arr = np.frombuffer(value, dtype=dtype, count=count)
+        if writable:
+            arr = arr.copy()
+    return arr.reshape(max(frames, 1), rows, cols)
 
 
 def decode_pixels(ds: Dataset, path: Path) -> npt.NDArray[np.integer]:
@@ -385,7 +454,10 @@ def check_pixel_module(ds: Dataset, path: Path, frames: int = 1) -> tuple[int, i
         )
     if ts is not None and not ts.is_compressed:
         needed = rows * cols * frames * bits // 8
-        have = len(ds.get_item("PixelData").value or b"")
+        deferred = deferred_pixel_data(ds)  # its length was checked against the file
+        have = (
+            deferred.length if deferred is not None else len(ds.get_item("PixelData").value or b"")
+        )
         if have < needed:
             raise InputError(
                 f"{path}: PixelData holds {have} bytes but Rows x Columns x frames x "

@@ -100,7 +100,7 @@ def element_vr(ds: Dataset, tag: int) -> str:
     Implicit-VR raw elements carry no VR; the data dictionary supplies it (``UN`` when the tag
     is unknown, e.g. private).
     """
-    vr = ds.get_item(tag).VR
+    vr = ds.get_item(tag, keep_deferred=True).VR  # a deferred value is not read
     return str(vr) if vr else dictionary_vr(int(tag))
 
 
@@ -243,7 +243,7 @@ def remap_uids_raw(
     while datasets:
         current = datasets.pop()
         for tag in list(current.keys()):
-            elem = current.get_item(tag)
+            elem = current.get_item(tag, keep_deferred=True)  # deferred pixel data: not read
             if isinstance(elem, RawDataElement):
                 # only UIDs and sequences can hold UIDs (never pixel data or other binary VRs)
                 vr = element_vr(current, tag)

@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,8 +51,16 @@ from rtdeface.deid import (
     encode_raw,
     raw_form,
 )
-from rtdeface.discover import peek, peek_str, peek_uint
-from rtdeface.errors import OutputError
+from rtdeface.discover import (
+    check_unchanged,
+    deferred_pixel_data,
+    deferred_source,
+    peek,
+    peek_str,
+    peek_uint,
+    read_deferred,
+)
+from rtdeface.errors import InputError, OutputError
 from rtdeface.forking import NO_ANSWER, Child
 from rtdeface.load import copy_dataset
 from rtdeface.pipeline import DefacedCase, StructuresJob
@@ -116,8 +125,10 @@ def _set_pixels(ds: Dataset, arr: npt.NDArray[np.integer]) -> None:
         value = data.tobytes()
         if len(value) % 2:  # an odd number of 8-bit pixels: padded to even length (PS3.5 8.1.1)
             value += b"\x00"
-        old = ds.get_item(0x7FE00010)
-        if isinstance(old, RawDataElement) and isinstance(old.value, bytes):
+        old = ds.get_item(0x7FE00010, keep_deferred=True)
+        if isinstance(old, RawDataElement) and (
+            isinstance(old.value, bytes) or deferred_pixel_data(ds) is not None
+        ):
             # still raw, as read: the writer then passes the new bytes to the file as they are
             ds[0x7FE00010] = old._replace(value=value, length=len(value))
         else:
@@ -460,6 +471,11 @@ def write_dicom(path: Path, ds: Dataset) -> None:
         or any(t >> 16 in (0, 2) for t in ds.keys())
         or (getattr(ds, "preamble", None) not in (None, b"") and len(ds.preamble) != 128)
     ):
+        deferred = deferred_pixel_data(ds)
+        if deferred is not None:  # read here, checked against the file, into a copy
+            source, stamp = deferred_source(ds)
+            ds = copy_dataset(ds)
+            ds[0x7FE00010] = deferred._replace(value=bytes(read_deferred(source, deferred, stamp)))
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         return
     file_meta = FileMetaDataset(copy_dataset(meta))
@@ -486,14 +502,72 @@ def write_dicom(path: Path, ds: Dataset) -> None:
     buf.write(struct.pack("<I", len(group)))
     buf.write(group)
     encodings = peek(ds, "SpecificCharacterSet", default_encoding)
-    parts: list[bytes] = []
+    parts: list[bytes | _FileSpan] = []
     _encode_elements(
         buf, ds, bool(original_implicit), bool(ts.is_compressed), encodings, parts=parts
     )
     parts.append(buf.getvalue())
     with open(path, "wb") as fh:
         for part in parts:  # large values go to the file as they are, without a copy
-            fh.write(part)
+            if isinstance(part, _FileSpan):
+                _copy_span(part, fh)
+            else:
+                fh.write(part)
+
+
+@dataclass(frozen=True)
+class _FileSpan:
+    """A deferred value (``elem``, see :func:`rtdeface.discover.read_dicom`) that is copied
+    from its input file straight into the output file."""
+
+    path: Path
+    elem: RawDataElement
+    timestamp: float | None
+
+
+COPY_CHUNK_BYTES = 1 << 20
+"""Bytes copied per call where the kernel cannot copy between the files itself."""
+
+
+def _copy_span(span: _FileSpan, out: Any) -> None:
+    """Append the value of ``span`` to the binary file ``out`` (flushed first): copied by
+    the kernel (``os.copy_file_range``) where it can, else read and written in chunks.
+
+    Raises
+    ------
+    InputError
+        The input file changed since it was read, or can no longer be read.
+    """
+    out.flush()
+    try:
+        src = open(span.path, "rb")
+    except OSError as exc:
+        raise InputError(
+            f"{span.path}: cannot read it again to copy its pixel data ({exc.strerror}); "
+            "rerun when no other program changes the input"
+        ) from exc
+    with src:
+        check_unchanged(span.path, os.fstat(src.fileno()), span.elem, span.timestamp)
+        offset, left = span.elem.value_tell, span.elem.length
+        kernel = sys.platform.startswith("linux") and hasattr(os, "copy_file_range")
+        while left > 0 and kernel:
+            try:
+                n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
+            except OSError:  # e.g. across file systems on older kernels: copy by hand
+                n = 0
+            if n <= 0:  # some file systems copy nothing: the rest by hand
+                break
+            offset += n
+            left -= n
+        src.seek(offset)
+        while left > 0:
+            chunk = src.read(min(left, COPY_CHUNK_BYTES))
+            if not chunk:
+                check_unchanged(span.path, os.fstat(src.fileno()), span.elem, span.timestamp)
+                raise InputError(f"{span.path}: the file ended early; rerun")
+            out.write(chunk)  # a buffered file: raises on a short write (e.g. disk full)
+            left -= len(chunk)
+        out.flush()
 
 
 LARGE_VALUE_BYTES = 65536
@@ -519,17 +593,39 @@ def _encode_elements(
     compressed: bool,
     encodings: Any,
     skip: frozenset[int] | set[int] = frozenset(),
-    parts: list[bytes] | None = None,
+    parts: list[bytes | _FileSpan] | None = None,
 ) -> None:
     """Write the elements of ``ds`` in tag order (raw ones verbatim, as pydicom would).
 
     With ``parts``, a raw value of :data:`LARGE_VALUE_BYTES` or more is not copied into
     ``buf``: what ``buf`` holds so far, then the value itself, are appended to ``parts`` and
-    ``buf`` is emptied (the output is ``parts`` followed by ``buf``'s content)."""
+    ``buf`` is emptied (the output is ``parts`` followed by ``buf``'s content). Deferred pixel
+    data (:func:`rtdeface.discover.read_dicom`) are appended as a :class:`_FileSpan` to copy
+    from the input file; without ``parts``, deferred values are read through pydicom."""
     for tag in sorted(ds.keys()):
         if (tag.element == 0 and tag.group > 6) or tag in skip:
             continue  # retired group length (PS3.5 7.2), or written by the caller
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)
+        if (
+            parts is not None
+            and tag == 0x7FE00010
+            and not compressed
+            and isinstance(elem, RawDataElement)
+            and deferred_pixel_data(ds) is not None
+            and bool(elem.is_implicit_VR) == implicit
+            and elem.is_little_endian
+            and (implicit or elem.VR)
+        ):  # deferred pixel data: the header here, the value copied from the input file
+            buf.write(_element_header(tag, str(elem.VR), elem.length, implicit, False))
+            parts.append(buf.getvalue())
+            source, stamp = deferred_source(ds)
+            parts.append(_FileSpan(source, elem, stamp))
+            inner = cast(io.BytesIO, buf.parent)
+            inner.seek(0)
+            inner.truncate()
+            continue
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            elem = ds.get_item(tag)  # another deferred value: read through pydicom
         if isinstance(elem, DataElement) and elem.VR in _TEXT_VRS and elem.value in ("", None):
             value, undefined = b"", False  # empty text (parsed while reading): a bare header
         elif (
@@ -548,21 +644,7 @@ def _encode_elements(
             if undefined and not value.startswith(b"\xfe\xff\x00\xe0"):
                 write_data_element(buf, ds[tag], encodings)
                 continue
-        length = rawseq.UNDEFINED_LENGTH if undefined else len(value)
-        group, element = tag >> 16, tag & 0xFFFF
-        if implicit:
-            buf.write(_PACK_IMPLICIT_HEADER(group, element, length))
-        else:  # the header rules of pydicom's write_data_element
-            vr = str(elem.VR)
-            if vr not in rawseq.LONG_LENGTH_VRS and not undefined and len(value) > 0xFFFF:
-                vr = "UN"  # pydicom relabels a value too long for a 2-byte length
-            if vr in rawseq.LONG_LENGTH_VRS:
-                buf.write(_PACK_LONG_HEADER(group, element, vr.encode("ascii"), 0, length))
-            elif undefined:
-                buf.write(_PACK_IMPLICIT_HEADER(group, element, 0)[:4] + vr.encode("ascii"))
-                buf.write(struct.pack("<I", length))
-            else:
-                buf.write(_PACK_SHORT_HEADER(group, element, vr.encode("ascii"), length))
+        buf.write(_element_header(tag, str(elem.VR), len(value), implicit, undefined))
         if parts is not None and len(value) >= LARGE_VALUE_BYTES:
             parts.append(buf.getvalue())
             parts.append(value)
@@ -573,6 +655,26 @@ def _encode_elements(
             buf.write(value)
         if undefined:
             buf.write(_SEQUENCE_DELIMITER)
+
+
+def _element_header(tag: int, vr: str, length: int, implicit: bool, undefined: bool) -> bytes:
+    """The header of an element holding ``length`` bytes (or of undefined length), by the
+    rules of pydicom's ``write_data_element``."""
+    group, element = tag >> 16, tag & 0xFFFF
+    stored = rawseq.UNDEFINED_LENGTH if undefined else length
+    if implicit:
+        return _PACK_IMPLICIT_HEADER(group, element, stored)
+    if vr not in rawseq.LONG_LENGTH_VRS and not undefined and length > 0xFFFF:
+        vr = "UN"  # pydicom relabels a value too long for a 2-byte length
+    if vr in rawseq.LONG_LENGTH_VRS:
+        return _PACK_LONG_HEADER(group, element, vr.encode("ascii"), 0, stored)
+    if undefined:
+        return (
+            _PACK_IMPLICIT_HEADER(group, element, 0)[:4]
+            + vr.encode("ascii")
+            + struct.pack("<I", stored)
+        )
+    return _PACK_SHORT_HEADER(group, element, vr.encode("ascii"), stored)
 
 
 def _claim(claims: Any, *, first: bool) -> int | None:
@@ -608,6 +710,8 @@ def _writer_child(outputs: Sequence[OutputObject], folder: Path, claims: Any, co
     try:
         _write_claimed(outputs, folder, claims, first=True)
         conn.send("")
+    except InputError as exc:  # an input changed: the parent raises it as it is
+        conn.send(("InputError", " ".join(str(exc).split())))
     except BaseException as exc:
         conn.send(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
     finally:
@@ -616,6 +720,8 @@ def _writer_child(outputs: Sequence[OutputObject], folder: Path, claims: Any, co
 
 def _join_writer(child: Child) -> None:
     message = child.receive(WRITER_TIMEOUT_S)
+    if isinstance(message, tuple) and message[:1] == ("InputError",):
+        raise InputError(str(message[1]))
     if message is NO_ANSWER or message or child.proc.exitcode != 0:
         detail = "no answer" if message is NO_ANSWER else str(message) or "exit status"
         raise OutputError(
