@@ -305,6 +305,7 @@ def _read_deferring_pixels(path: Path) -> Dataset:
                 and fp.tell() == size == elem.value_tell + elem.length
             ):
                 ds[elem.tag] = elem
+                ds.__dict__[SOURCE_STAMP] = file_stamp(os.fstat(fp.fileno()))
                 return ds
         if start >= size:
             return ds  # no pixel data: the header is the whole file
@@ -337,6 +338,18 @@ def _deferrable(ds: Dataset, ts: Any, implicit: bool | None, little: bool | None
     )
 
 
+SOURCE_STAMP = "rtdeface_source_stamp"
+"""Attribute of a dataset with deferred values: :func:`file_stamp` of its file when read."""
+
+FileStamp = tuple[int, int, int, int, int]
+"""(device, inode, size, modification time ns, status change time ns) of a file."""
+
+
+def file_stamp(stat: os.stat_result) -> FileStamp:
+    """What :func:`check_unchanged` compares: identity, size and times of a file."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
     """The PixelData element of ``ds`` when its value was deferred (see :func:`read_dicom`)."""
     elem = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True) if PIXEL_DATA_TAG in ds else None
@@ -345,8 +358,8 @@ def deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
     return None
 
 
-def deferred_source(ds: Dataset) -> tuple[Path, float | None]:
-    """(file, modification time when read) that the deferred values of ``ds`` come from.
+def deferred_source(ds: Dataset) -> tuple[Path, FileStamp | None]:
+    """(file, :func:`file_stamp` when read) that the deferred values of ``ds`` come from.
 
     Raises
     ------
@@ -356,11 +369,11 @@ def deferred_source(ds: Dataset) -> tuple[Path, float | None]:
     filename = ds.__dict__.get("filename")
     if not filename:
         raise InputError("a deferred pixel data element has no source file; read it again")
-    return Path(filename), ds.__dict__.get("timestamp")
+    return Path(filename), ds.__dict__.get(SOURCE_STAMP)
 
 
 def read_deferred(
-    path: Path, elem: RawDataElement, timestamp: float | None, *, writable: bool = False
+    path: Path, elem: RawDataElement, stamp: FileStamp | None, *, writable: bool = False
 ) -> bytes | bytearray:
     """The value of a deferred element, read from ``path`` (checked unchanged since); a new
     ``bytearray`` with ``writable``.
@@ -372,7 +385,7 @@ def read_deferred(
     """
     try:
         with open(path, "rb") as fh:
-            check_unchanged(path, os.fstat(fh.fileno()), elem, timestamp)
+            check_unchanged(path, os.fstat(fh.fileno()), elem, stamp)
             fh.seek(elem.value_tell)
             if writable:
                 value: bytes | bytearray = bytearray(elem.length)
@@ -388,12 +401,14 @@ def read_deferred(
 
 
 def check_unchanged(
-    path: Path, stat: os.stat_result, elem: RawDataElement, timestamp: float | None
+    path: Path, stat: os.stat_result, elem: RawDataElement, stamp: FileStamp | None
 ) -> None:
     """Raise an InputError when a file no longer matches its deferred element ``elem`` (it
-    ended the file, modified at ``timestamp``)."""
+    ended the file) and its :func:`file_stamp` ``stamp`` (same device, inode, size,
+    modification and status change times: a rewrite, a replacement or a copy over it that keeps
+    the modification time all count as changes)."""
     if stat.st_size != elem.value_tell + elem.length or (
-        timestamp is not None and stat.st_mtime != timestamp
+        stamp is not None and file_stamp(stat) != tuple(stamp)
     ):
         raise InputError(
             f"{path}: the file changed while rtdeface was reading it; rerun when no other "

@@ -26,6 +26,7 @@ from pydicom.tag import BaseTag
 
 from rtdeface import rawseq
 from rtdeface.discover import (
+    SOURCE_STAMP,
     CaseFiles,
     FileRecord,
     assemble_single_case,
@@ -80,8 +81,9 @@ def copy_dataset(ds: Dataset) -> Dataset:
     return new
 
 
-_SOURCE_ATTRIBUTES = ("filename", "timestamp", "fileobj_type", "buffer")
-"""Attributes of a dataset read from a file that pydicom reads deferred values with."""
+_SOURCE_ATTRIBUTES = ("filename", "timestamp", "fileobj_type", "buffer", SOURCE_STAMP)
+"""Attributes of a dataset read from a file that pydicom (and
+:func:`rtdeface.discover.read_deferred`) read deferred values with."""
 
 
 def _copy_elements(ds: Dataset) -> dict[BaseTag, DataElement | RawDataElement]:
@@ -392,7 +394,7 @@ def native_pixels(
     if deferred is not None:  # read now, not kept: the input dataset stays as it is
         if deferred.length < count * dtype.itemsize:
             return None
-        buf = read_deferred(path, deferred, ds.__dict__.get("timestamp"), writable=writable)
+        buf = read_deferred(path, deferred, ds.__dict__.get(SOURCE_STAMP), writable=writable)
         arr = np.frombuffer(buf, dtype=dtype, count=count)
     else:
         elem = ds.get_item(0x7FE00010)

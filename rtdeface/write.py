@@ -52,6 +52,7 @@ from rtdeface.deid import (
     raw_form,
 )
 from rtdeface.discover import (
+    FileStamp,
     check_unchanged,
     deferred_pixel_data,
     deferred_source,
@@ -522,7 +523,7 @@ class _FileSpan:
 
     path: Path
     elem: RawDataElement
-    timestamp: float | None
+    stamp: FileStamp | None
 
 
 COPY_CHUNK_BYTES = 1 << 20
@@ -547,7 +548,7 @@ def _copy_span(span: _FileSpan, out: Any) -> None:
             "rerun when no other program changes the input"
         ) from exc
     with src:
-        check_unchanged(span.path, os.fstat(src.fileno()), span.elem, span.timestamp)
+        check_unchanged(span.path, os.fstat(src.fileno()), span.elem, span.stamp)
         offset, left = span.elem.value_tell, span.elem.length
         kernel = sys.platform.startswith("linux") and hasattr(os, "copy_file_range")
         while left > 0 and kernel:
@@ -563,7 +564,7 @@ def _copy_span(span: _FileSpan, out: Any) -> None:
         while left > 0:
             chunk = src.read(min(left, COPY_CHUNK_BYTES))
             if not chunk:
-                check_unchanged(span.path, os.fstat(src.fileno()), span.elem, span.timestamp)
+                check_unchanged(span.path, os.fstat(src.fileno()), span.elem, span.stamp)
                 raise InputError(f"{span.path}: the file ended early; rerun")
             out.write(chunk)  # a buffered file: raises on a short write (e.g. disk full)
             left -= len(chunk)
@@ -641,7 +642,11 @@ def _encode_elements(
             value, undefined = elem.value, elem.length == rawseq.UNDEFINED_LENGTH
         if tag == 0x7FE00010:
             undefined = compressed  # PS3.5 A.4: encapsulated pixel data has undefined length
-            if undefined and not value.startswith(b"\xfe\xff\x00\xe0"):
+            if (
+                (undefined and not value.startswith(b"\xfe\xff\x00\xe0"))
+                or (not undefined and len(value) % 2)
+                or (not implicit and elem.VR == "UN")
+            ):  # pydicom pads odd pixel data and gives UN-labelled ones their VR: its writer
                 write_data_element(buf, ds[tag], encodings)
                 continue
         buf.write(_element_header(tag, str(elem.VR), len(value), implicit, undefined))

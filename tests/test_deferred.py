@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataelem import RawDataElement
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from rtdeface import forking, write
 from rtdeface.cli import main
@@ -247,3 +247,49 @@ def test_dose_pixels_are_viewed_like_pydicom_decodes_them(tmp_path: Path) -> Non
     ds.HighBit = ds.BitsStored - 1
     masked = DoseGrid(dose.grid, ds, dose.path).stored()
     assert np.array_equal(masked, ds.pixel_array.reshape(dose.grid.shape))
+
+
+def test_a_replacement_that_keeps_size_and_time_is_noticed(tmp_path: Path) -> None:
+    write_case(tmp_path / "case", "hfs")
+    lazy = _deferred_case(tmp_path / "case")
+    path = lazy.ct.paths[0]
+    before = path.stat()
+    new = path.with_suffix(".new")
+    new.write_bytes(path.read_bytes()[:-2] + b"\x07\x00")
+    os.utime(new, ns=(before.st_atime_ns, before.st_mtime_ns))  # as cp -p or rsync -t
+    os.replace(new, path)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(InputError, match="changed while rtdeface was reading it"):
+        lazy.ct.stored_slice(0)
+
+
+@pytest.mark.parametrize("layout", ["odd_implicit", "odd_explicit", "un_explicit"])
+def test_odd_and_un_labelled_pixel_data_are_written_as_pydicom_writes_them(
+    tmp_path: Path, layout: str
+) -> None:
+    write_case(tmp_path / "case", "hfs")
+    ds = pydicom.dcmread(_case_files(tmp_path / "case")[0][3])
+    implicit = layout == "odd_implicit"
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    if layout.startswith("odd"):  # 8-bit pixels, an odd count: stored with or without a pad
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.Rows = ds.Columns = 181
+        ds.PixelData = bytes(range(256)) * 127 + b"\x05" * (181 * 181 - 256 * 127)
+        ds["PixelData"].VR = "OB"
+    else:
+        ds["PixelData"].VR = "UN"
+    path = tmp_path / "in.dcm"
+    pydicom.dcmwrite(path, ds, enforce_file_format=True, implicit_vr=implicit)
+    if layout == "odd_explicit":  # an odd length as some writers store it (no pad byte)
+        data = bytearray(path.read_bytes())
+        at = data.rfind(b"\xe0\x7f\x10\x00OB")
+        data[at + 8 : at + 12] = (181 * 181).to_bytes(4, "little")
+        path.write_bytes(bytes(data[:-1]))
+    for defer in (False, True):
+        read = read_dicom(path, header_only=False, defer_pixels=defer)
+        assert read is not None
+        write.write_dicom(tmp_path / "ours.dcm", copy_dataset(read))
+        full = read_dicom(path, header_only=False)
+        pydicom.dcmwrite(tmp_path / "theirs.dcm", full, enforce_file_format=True)  # type: ignore[arg-type]
+        assert (tmp_path / "ours.dcm").read_bytes() == (tmp_path / "theirs.dcm").read_bytes()
