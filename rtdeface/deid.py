@@ -1085,7 +1085,7 @@ class _Context:
     counts: Counter[str] = field(default_factory=Counter)
     events: list[WhatIfEntry] | None = None
     scans: SequenceScans = field(default_factory=lambda: SequenceScans())
-    memo: dict[tuple[int, str, bytes, _RawForm | None], _Outcome] | None = field(
+    memo: dict[tuple[int, str, bytes | None, _RawForm | None, str | None], _Outcome] | None = field(
         default_factory=dict
     )
     stamps: dict[tuple[tuple[str, ...], _RawForm | None], Dataset] = field(default_factory=dict)
@@ -1233,23 +1233,33 @@ _OWNER_DEPENDENT = frozenset({"StudyID", "AccessionNumber", *LABEL_FIELDS})
 """Keywords whose result depends on other elements of their dataset (never memoised)."""
 
 
-_KEEP, _INERT_UI, _SEQUENCE, _MEMOISED, _OTHER = range(5)
+_KEEP, _INERT_UI, _SEQUENCE, _MEMOISED, _BY_STUDY, _OTHER = range(6)
+
+_STUDY_KEYED = frozenset({"StudyID", "AccessionNumber"})
+"""Owner-dependent keywords whose outcome depends only on their value and the owner's
+StudyInstanceUID (:func:`_keyed_identifier`): memoised by both."""
 
 
 @functools.lru_cache(maxsize=8192)
 def _element_kind(tag: int, vr: str) -> int:
     """How :func:`_process_dataset` treats an element of this tag and VR: kept as it is
-    (numbers and binary data the table does not list), an inert UID (remapped only), a
-    sequence, an element whose outcome is memoised by value (public, not a sequence, not
-    owner-dependent), or any other element."""
+    (numbers and binary data the table does not list), an inert UID (remapped only; file
+    meta UIDs the profile keeps count as inert too), a sequence, an element whose outcome is
+    memoised by value (public, not a sequence, not owner-dependent) or by value and study,
+    or any other element."""
     private = bool((tag >> 16) & 1)
+    keyword = tag_keyword(tag)
     if vr in _UNTOUCHED_VRS and not private and table_action(tag) is None:
         return _KEEP
     if vr == "UI" and is_inert(tag, "UI"):
         return _INERT_UI
+    if vr == "UI" and tag >> 16 == 0x0002 and keyword not in FILE_META_REMOVED:
+        return _INERT_UI  # kept by _process_element, then remapped with every other UID
     if vr == "SQ":
         return _SEQUENCE
-    if private or tag_keyword(tag) in _OWNER_DEPENDENT:
+    if keyword in _STUDY_KEYED:
+        return _BY_STUDY
+    if private or keyword in _OWNER_DEPENDENT:
         return _OTHER
     return _MEMOISED
 
@@ -1280,12 +1290,13 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
                 continue  # raw sequence of inert elements (e.g. ROIContourSequence): UIDs only
         key = None
         if (
-            kind == _MEMOISED
+            kind in (_MEMOISED, _BY_STUDY)
             and ctx.memo is not None
             and isinstance(raw, RawDataElement)
-            and isinstance(raw.value, bytes)
-        ):
-            key = (number, vr, raw.value, form)
+            and (isinstance(raw.value, bytes) or (raw.value is None and raw.length == 0))
+        ):  # an empty raw value is None (a deferred one, of non-zero length, is never read)
+            study = peek_str(ds, "StudyInstanceUID") if kind == _BY_STUDY else None
+            key = (number, vr, raw.value, form, study)
             hit = ctx.memo.get(key)
             if hit is not None:
                 _replay(ds, tag, raw, hit, ctx)

@@ -223,12 +223,19 @@ def test_raw_datasets_deidentify_like_parsed_ones(tmp_path: Path, syntax: str) -
     case = make_case()
     for ds in case:
         ds.file_meta.TransferSyntaxUID = syntax
-    # more slices, so that memoised outcomes are replayed
+    # more slices, so that memoised outcomes are replayed: empty elements (raw value None),
+    # file meta UIDs, and StudyID/AccessionNumber of two studies (memoised per study)
     cts = [copy.deepcopy(case[0]) for _ in range(4)]
     for n, ct in enumerate(cts):
         ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.9.8{n}"
+        ct.StudyID, ct.AccessionNumber = "S1", "A77"
+        ct.ImageComments, ct.AcquisitionDate, ct.PositionReferenceIndicator = "", "", ""
+        if n >= 2:
+            ct.StudyInstanceUID = "1.2.826.0.1.3680043.9.99"
     case = [*cts, *case]
     raw = _write_read(case, tmp_path / "in")
+    empty = None if syntax == ImplicitVRLittleEndian else b""  # as pydicom reads it raw
+    assert raw[0].get_item(0x00204000, keep_deferred=True).value == empty
     parsed = copy.deepcopy(case)
     rec_raw = deidentify_datasets(raw, DeidOptions(key=KEY), ct_defaced=True)
     rec_parsed = deidentify_datasets(parsed, DeidOptions(key=KEY), ct_defaced=True)
@@ -236,6 +243,9 @@ def test_raw_datasets_deidentify_like_parsed_ones(tmp_path: Path, syntax: str) -
     out_parsed = _write_read(parsed, tmp_path / "parsed")
     for a, b in zip(out_raw, out_parsed, strict=True):
         assert dict(_flat(a)) == dict(_flat(b))
+    ids = [(str(d.StudyID), str(d.AccessionNumber)) for d in out_raw[:4]]
+    assert ids[0] == ids[1] != ids[2] == ids[3]  # keyed per study, never merged
+    assert all(i[0].startswith("S") and i[0] != "S1" and i[1] != "A77" for i in ids)
     assert rec_raw.pseudonym == rec_parsed.pseudonym
     assert {k: v for k, v in rec_raw.action_counts.items() if k != "U"} == {
         k: v for k, v in rec_parsed.action_counts.items() if k != "U"
