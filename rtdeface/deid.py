@@ -1674,16 +1674,17 @@ def _uid_inventory(datasets: Iterable[Dataset], scans: SequenceScans) -> tuple[s
         stack.extend([ds] if meta is None else [ds, meta])
     while stack:
         current = stack.pop()
-        for tag in list(current.keys()):
-            vr = element_vr(current, tag)
+        for tag, elem in list(current.items()):  # as stored: raw elements are not converted
+            vr = str(elem.VR) if elem.VR else dictionary_vr(int(tag))
             if vr == "SQ":
                 if scans.inert(current, tag) is None:
                     stack.extend(current[tag].value or [])
                 continue
             if vr != "UI":
                 continue
-            elem = current.get_item(tag)
             value = elem.value
+            if value is None:  # an empty raw element
+                continue
             if isinstance(value, bytes):
                 values = value.decode("ascii", "replace").strip(" \x00").split("\\")
             else:
