@@ -1085,7 +1085,7 @@ class _Context:
     counts: Counter[str] = field(default_factory=Counter)
     events: list[WhatIfEntry] | None = None
     scans: SequenceScans = field(default_factory=lambda: SequenceScans())
-    memo: dict[tuple[int, str, bytes | None, _RawForm | None, str | None], _Outcome] | None = field(
+    memo: dict[tuple[int, str, bytes | None, object, str | None], _Outcome] | None = field(
         default_factory=dict
     )
     stamps: dict[tuple[tuple[str, ...], _RawForm | None], Dataset] = field(default_factory=dict)
@@ -1189,6 +1189,12 @@ _RawForm = tuple[bool, bool, tuple[str, ...]]
 """(implicit VR, little endian, SpecificCharacterSet values) of a dataset read from a file."""
 
 
+def _charset_key(ds: Dataset) -> object:
+    """The character set text of ``ds`` is decoded with (its own or its parent's), hashable."""
+    charset = ds._character_set
+    return tuple(charset) if isinstance(charset, list) else charset
+
+
 def raw_form(ds: Dataset) -> _RawForm | None:
     """How raw elements of ``ds`` are encoded (None for a dataset built in memory): the key
     under which :func:`encode_raw` results can be shared between datasets."""
@@ -1272,6 +1278,9 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
     sequences are scanned and spliced, and other outcomes are memoised (see :class:`_Outcome`).
     """
     form = raw_form(ds) if prefix == "" else None
+    # memo keys: the encoding of a top-level dataset, the character set of a nested item
+    # (the same bytes are other text under another character set)
+    scope: object = form if prefix == "" else ("item", _charset_key(ds))
     uid_tags: list[BaseTag] = []  # remapped after the policy (StudyID is keyed on the original)
     live = ds.keys()  # a live view: an element removed with an earlier one is skipped
     for tag, raw in list(ds.items()):
@@ -1279,6 +1288,8 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
             continue
         number = int(tag)
         vr = raw.VR or dictionary_vr(number)
+        if vr == "UN" and dictionary_vr(number) == "UI":
+            vr = "UI"  # a UID stored as UN (pydicom converts it to UI): remapped all the same
         kind = _element_kind(number, vr)
         if kind == _KEEP:
             continue  # numbers and binary data the table does not list: kept, never converted
@@ -1296,10 +1307,12 @@ def _process_dataset(ds: Dataset, ctx: _Context, prefix: str) -> None:
             and (isinstance(raw.value, bytes) or (raw.value is None and raw.length == 0))
         ):  # an empty raw value is None (a deferred one, of non-zero length, is never read)
             study = peek_str(ds, "StudyInstanceUID") if kind == _BY_STUDY else None
-            key = (number, vr, raw.value, form, study)
+            key = (number, vr, raw.value, scope, study)
             hit = ctx.memo.get(key)
             if hit is not None:
                 _replay(ds, tag, raw, hit, ctx)
+                if vr == "UI" and tag in ds:
+                    uid_tags.append(tag)  # a kept or new UID is remapped, as after a miss
                 continue
             before = Counter(ctx.counts)
         elem = ds[tag]
@@ -1683,6 +1696,8 @@ def _uid_inventory(datasets: Iterable[Dataset], scans: SequenceScans) -> tuple[s
             if vr != "UI":
                 continue
             value = elem.value
+            if value is None and isinstance(elem, RawDataElement) and elem.length:
+                value = current.get_item(tag).value  # a deferred value: read it
             if value is None:  # an empty raw element
                 continue
             if isinstance(value, bytes):

@@ -30,7 +30,13 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from shapely.geometry import Polygon
 
 from rtdeface import forking, pipeline, rawseq, write
-from rtdeface.deid import DeidOptions, deidentify_datasets, is_inert, scan_raw_sequence
+from rtdeface.deid import (
+    DeidOptions,
+    DeidSession,
+    deidentify_datasets,
+    is_inert,
+    scan_raw_sequence,
+)
 from rtdeface.errors import OutputError
 from rtdeface.geometry import Grid, affine_from_attributes
 from rtdeface.landmarks import even_odd_area
@@ -171,7 +177,7 @@ def test_rebuilt_items_parse_back_with_pydicom(
         (0x30060016, "SQ", True),  # ContourImageSequence
         (0x00100010, "PN", False),  # PatientName
         (0x30060026, "LO", False),  # ROIName (label kept only when safe)
-        (0x00081110, "SQ", False),  # ReferencedStudySequence (X/Z in the table)
+        (0x00081110, "SQ", False),  # ReferencedFrameOfReferenceSequence (X/Z in the table)
         (0x00090010, "LO", False),  # private creator
         (0x30060028, "ST", False),  # ROIDescription
     ],
@@ -544,3 +550,75 @@ def test_file_meta_of_a_dataset_built_in_memory_survives_copy() -> None:
     new.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     assert ds.PatientName == "A^B" and list(ds.ImagePositionPatient) == [1.0, 2.0, 3.0]
     assert ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+
+
+def _ct_blob(
+    i: int, *, charset: str = "ISO_IR 100", accession: str = "", un_series: bool = False
+) -> bytes:
+    """One small CT header as file bytes (explicit VR little endian)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.22222222222{i:04d}"
+    ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientName, ds.Modality = "P123", "Doe^John", "CT"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1111111111111"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.3333333333333"
+    ds.ReferencedSOPInstanceUIDInFile = "1.2.826.0.1.3680043.8.498.4444444444444444444444"
+    item = Dataset()
+    item.StudyInstanceUID, item.AccessionNumber = ds.StudyInstanceUID, accession
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([item])
+    buf = DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    if un_series:  # the same SeriesInstanceUID stored as UN (4-byte length)
+        at = data.index(b"\x20\x00\x0e\x00UI")
+        length = int.from_bytes(data[at + 6 : at + 8], "little")
+        data = (
+            data[:at]
+            + b"\x20\x00\x0e\x00UN\x00\x00"
+            + length.to_bytes(4, "little")
+            + data[at + 8 :]
+        )
+    return data
+
+
+def _deidentified(blobs: list[bytes], *, memo: bool = True, **read: object) -> list[Dataset]:
+    datasets = [pydicom.dcmread(DicomBytesIO(b), **read) for b in blobs]  # type: ignore[arg-type]
+    session = DeidSession(datasets, DeidOptions(key=KEY), ct_defaced=False)
+    if not memo:
+        session._ctx.memo = None  # the policy alone, element by element
+    session.process(datasets)
+    return datasets
+
+
+def test_memoised_outcomes_remap_uids_as_the_policy_does() -> None:
+    # a UID stored as UN on later slices, and a UID whose value a caller's read deferred
+    blobs = [_ct_blob(0)] + [_ct_blob(i, un_series=True) for i in range(1, 4)]
+    for read in ({}, {"defer_size": 40}):
+        out = _deidentified(blobs, **read)
+        series = {str(d[0x0020000E].value) for d in out}
+        refs = {str(d.ReferencedSOPInstanceUIDInFile) for d in out}
+        assert len(series) == 1 and "1.2.826.0.1.3680043.8.498.3333333333333" not in series
+        assert len(refs) == 1 and not refs.pop().startswith("1.2.826.0.1.3680043.8.498.4444")
+        policy = _deidentified(blobs, memo=False, **read)
+        assert [str(d[0x0020000E].value) for d in out] == [str(d[0x0020000E].value) for d in policy]
+
+
+def test_memoised_nested_text_follows_each_objects_character_set() -> None:
+    text = "ÄÖ".encode()  # the same bytes: "ÄÖ" in UTF-8, four other letters in Latin-1
+    blobs = [
+        _ct_blob(0, charset="ISO_IR 192", accession=text.decode("utf-8")),
+        _ct_blob(1, charset="ISO_IR 100", accession=text.decode("latin-1")),
+    ]
+    got = [
+        str(d.ReferencedFrameOfReferenceSequence[0].AccessionNumber) for d in _deidentified(blobs)
+    ]
+    policy = [
+        str(d.ReferencedFrameOfReferenceSequence[0].AccessionNumber)
+        for d in _deidentified(blobs, memo=False)
+    ]
+    assert got == policy and got[0] != got[1]
