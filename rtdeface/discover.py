@@ -313,28 +313,37 @@ def _read_deferring_pixels(path: Path) -> Dataset:
         return pydicom.dcmread(fp)
 
 
-def _deferrable(ds: Dataset, ts: Any, implicit: bool | None, little: bool | None) -> bool:
-    """Whether the pixel data of ``ds`` (a header read) may be deferred: a CT slice in an
-    uncompressed little-endian syntax that it is encoded in, whose stored values need no
-    conversion (8, 16 or 32 bits allocated, one sample, no sign extension). These are the
-    slices that :func:`rtdeface.load.native_pixels` reads and
-    :func:`rtdeface.write.write_dicom` copies themselves; every other file is read whole."""
-    if (
-        peek_str(ds, "SOPClassUID") not in DEFERRED_PIXELS_SOP_CLASSES
-        or ts is None
-        or not ts.is_transfer_syntax
-        or ts.is_compressed
-        or ts.is_deflated
-        or not ts.is_little_endian
-        or (implicit, little) != (ts.is_implicit_VR, True)
-    ):
-        return False
+def native_pixel_format(ds: Dataset) -> tuple[int, bool] | None:
+    """(BitsAllocated, signed) of pixel data that are stored as they are read: an
+    uncompressed little-endian syntax, 8, 16 or 32 bits allocated, one sample and no sign
+    extension (signed values use every allocated bit); None for anything else."""
+    meta = ds.__dict__.get("file_meta")
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None or ts.is_compressed or not ts.is_little_endian:
+        return None
     bits = peek_uint(ds, "BitsAllocated")
     signed = peek_uint(ds, "PixelRepresentation") == 1
+    if (
+        bits not in (8, 16, 32)
+        or peek_uint(ds, "SamplesPerPixel") not in (None, 1)
+        or (signed and peek_uint(ds, "BitsStored") not in (None, bits))
+    ):
+        return None
+    return int(bits), signed
+
+
+def _deferrable(ds: Dataset, ts: Any, implicit: bool | None, little: bool | None) -> bool:
+    """Whether the pixel data of ``ds`` (a header read) may be deferred: a CT slice encoded
+    in its (not deflated) transfer syntax whose pixel data :func:`native_pixel_format`
+    describes. These are the slices that :func:`rtdeface.load.native_pixels` reads and
+    :func:`rtdeface.write.write_dicom` copies themselves; every other file is read whole."""
     return (
-        bits in (8, 16, 32)
-        and peek_uint(ds, "SamplesPerPixel") in (None, 1)
-        and (not signed or peek_uint(ds, "BitsStored") in (None, bits))
+        peek_str(ds, "SOPClassUID") in DEFERRED_PIXELS_SOP_CLASSES
+        and ts is not None
+        and ts.is_transfer_syntax
+        and not ts.is_deflated
+        and (implicit, little) == (ts.is_implicit_VR, True)
+        and native_pixel_format(ds) is not None
     )
 
 
@@ -381,7 +390,7 @@ def read_deferred(
     Raises
     ------
     InputError
-        The file changed (size or modification time) since it was read, or cannot be read.
+        The file changed since it was read (see :func:`check_unchanged`), or cannot be read.
     """
     try:
         with open(path, "rb") as fh:

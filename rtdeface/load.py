@@ -26,6 +26,7 @@ from pydicom.tag import BaseTag
 
 from rtdeface import rawseq
 from rtdeface.discover import (
+    PIXEL_DATA_TAG,
     SOURCE_STAMP,
     CaseFiles,
     FileRecord,
@@ -33,6 +34,7 @@ from rtdeface.discover import (
     classify,
     deferred_pixel_data,
     iter_files,
+    native_pixel_format,
     peek,
     peek_floats,
     peek_str,
@@ -365,21 +367,10 @@ def native_pixels(
     InputError
         The file of deferred pixel data changed since it was read.
     """
-    meta = ds.__dict__.get("file_meta")
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    bits = peek_uint(ds, "BitsAllocated") or 0
-    signed = peek_uint(ds, "PixelRepresentation") == 1
-    stored_bits = peek_uint(ds, "BitsStored")
-    if (
-        ts is None
-        or ts.is_compressed
-        or not ts.is_little_endian
-        or bits not in (8, 16, 32)
-        or peek_uint(ds, "SamplesPerPixel") not in (None, 1)
-        or (signed and stored_bits not in (None, bits))
-        or 0x7FE00010 not in ds
-    ):
+    layout = native_pixel_format(ds)
+    if layout is None or PIXEL_DATA_TAG not in ds:
         return None
+    bits, signed = layout
     dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
     rows, cols = peek_uint(ds, "Rows") or 0, peek_uint(ds, "Columns") or 0
     frames_text = peek_str(ds, "NumberOfFrames") or "1"
@@ -397,7 +388,7 @@ def native_pixels(
         buf = read_deferred(path, deferred, ds.__dict__.get(SOURCE_STAMP), writable=writable)
         arr = np.frombuffer(buf, dtype=dtype, count=count)
     else:
-        elem = ds.get_item(0x7FE00010)
+        elem = ds.get_item(PIXEL_DATA_TAG)
         value = elem.value if isinstance(elem, RawDataElement) else ds.PixelData
         if not isinstance(value, bytes) or len(value) < count * dtype.itemsize:
             return None

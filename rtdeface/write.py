@@ -618,12 +618,8 @@ def _encode_elements(
             and (implicit or elem.VR)
         ):  # deferred pixel data: the header here, the value copied from the input file
             buf.write(_element_header(tag, str(elem.VR), elem.length, implicit, False))
-            parts.append(buf.getvalue())
             source, stamp = deferred_source(ds)
-            parts.append(_FileSpan(source, elem, stamp))
-            inner = cast(io.BytesIO, buf.parent)
-            inner.seek(0)
-            inner.truncate()
+            _append_part(parts, buf, _FileSpan(source, elem, stamp))
             continue
         if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
             elem = ds.get_item(tag)  # another deferred value: read through pydicom
@@ -651,15 +647,22 @@ def _encode_elements(
                 continue
         buf.write(_element_header(tag, str(elem.VR), len(value), implicit, undefined))
         if parts is not None and len(value) >= LARGE_VALUE_BYTES:
-            parts.append(buf.getvalue())
-            parts.append(value)
-            inner = cast(io.BytesIO, buf.parent)
-            inner.seek(0)
-            inner.truncate()
+            _append_part(parts, buf, value)
         else:
             buf.write(value)
         if undefined:
             buf.write(_SEQUENCE_DELIMITER)
+
+
+def _append_part(
+    parts: list[bytes | _FileSpan], buf: DicomBytesIO, part: bytes | _FileSpan
+) -> None:
+    """Append what ``buf`` holds, then ``part``, to ``parts``, and empty ``buf``."""
+    parts.append(buf.getvalue())
+    parts.append(part)
+    inner = cast(io.BytesIO, buf.parent)
+    inner.seek(0)
+    inner.truncate()
 
 
 def _element_header(tag: int, vr: str, length: int, implicit: bool, undefined: bool) -> bytes:

@@ -61,3 +61,9 @@ def read_dose(path: Path) -> tuple[Dataset, np.ndarray, np.ndarray]:
     j = np.arange(ds.Columns)[None, :, None]
     centres = origins[:, None, None, :] + (j * ps[1] * iop[:3] + i * ps[0] * iop[3:])[None]
     return ds, arr, centres
+
+
+def assert_nothing_written(out: Path) -> None:
+    """No output folder ``out`` and no partial folder of the atomic writer beside it."""
+    assert not out.exists()
+    assert not any(p.name.startswith(".rtdeface-partial-") for p in out.parent.iterdir())

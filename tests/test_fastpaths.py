@@ -46,6 +46,7 @@ from rtdeface.pipeline import DefaceOptions, ImageEyeSearch, deface_case, find_l
 from rtdeface.region import DefacingRegion, even_odd
 from rtdeface.structures import COORD_DECIMALS, deface_structures, format_ds, snap_y
 from rtdeface.write import build_outputs, write_atomic
+from tests.helpers import assert_nothing_written
 from tests.test_deid import KEY, make_case
 from tests.test_structures import make_rtstruct
 
@@ -464,8 +465,7 @@ def test_a_failing_writer_child_leaves_nothing(
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="No space left"):
         write_atomic(outputs, out, parallel=True)
-    assert not out.exists()
-    assert not any(p.name.startswith(".rtdeface-partial-") for p in tmp_path.iterdir())
+    assert_nothing_written(out)
 
 
 @pytest.mark.parametrize("variant", ["hfs", "rle", "unsigned", "dose_desc"])
@@ -514,8 +514,7 @@ def test_a_failing_parent_half_stops_the_writer_child(
     with pytest.raises(OSError, match="Input/output"):
         write_atomic(outputs, tmp_path / "out", parallel=True)
     assert multiprocessing.active_children() == []
-    assert not (tmp_path / "out").exists()
-    assert not any(p.name.startswith(".rtdeface-partial-") for p in tmp_path.iterdir())
+    assert_nothing_written(tmp_path / "out")
 
 
 def test_a_contour_too_long_for_a_short_length_is_written_as_un() -> None:
